@@ -1,0 +1,308 @@
+"""Paged KV cache and packed variable-length attention in plain MLX ops.
+
+One engine step runs as one MLX forward over all scheduled tokens, packed as a batch of
+``T`` one-token rows (shape ``(T, 1)``). That layout lets mlx-lm's own attention modules run
+unchanged: ``mx.fast.rope`` takes a per-row offset vector (each token's position), and the
+per-layer "cache" we hand the model (``PagedLayerCache``) writes K/V into vLLM-managed blocks
+by slot mapping and answers attention through block tables.
+
+Attention for a step is split into at most two groups — decode rows (one query each) and
+prefill chunks — each one ``mx.fast.scaled_dot_product_attention`` call over K/V gathered by
+block table, with a causal (and sliding-window) mask built from absolute positions. No
+Python loop over requests runs per layer.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+
+class UnsupportedModelError(ValueError):
+    """The model cannot run on the paged path; the message says why and what is supported."""
+
+
+@dataclass
+class AttnGroup:
+    """Sequences attended together: queries padded to ``Lq``, K/V gathered to ``nb`` blocks."""
+
+    token_index: mx.array  # (S, Lq) rows of the packed batch; padding repeats a valid row
+    q_pos: mx.array  # (S, Lq) absolute position of each query (padding: 0)
+    block_table: mx.array  # (S, nb) block ids (padding: 0)
+    valid_rows: mx.array | None  # flattened (s, l) entries that are real tokens; None = all
+    masks: dict[int | None, mx.array] = field(default_factory=dict)  # window -> (S,1,Lq,ctx)
+
+    def mask(self, window: int | None, block_size: int) -> mx.array:
+        if window not in self.masks:
+            ctx = self.block_table.shape[1] * block_size
+            kv = mx.arange(ctx, dtype=mx.int32)[None, None, None, :]
+            q = self.q_pos[:, None, :, None]
+            m = kv <= q
+            if window is not None:
+                m = m & (kv > q - window)
+            self.masks[window] = m
+        return self.masks[window]
+
+
+@dataclass
+class StepMetadata:
+    """Everything the attention of one step needs, built once on the host and shared by layers."""
+
+    positions: mx.array  # (T,) int32
+    slot_mapping: mx.array  # (T,) int32 flat slot of each token's K/V
+    groups: list[AttnGroup]
+    out_order: mx.array  # (T,) maps packed token -> row of the concatenated group outputs
+
+
+def build_step_metadata(
+    seq_lens_q: list[int],
+    seq_start_pos: list[int],
+    block_tables: list[np.ndarray],
+    block_size: int,
+) -> StepMetadata:
+    """Pack sequences (query lengths, first positions, block ids) into one step's metadata.
+
+    Sequences appear in the packed batch in the given order. ``block_tables[i]`` must cover
+    every position up to ``seq_start_pos[i] + seq_lens_q[i] - 1``.
+    """
+    lens = np.asarray(seq_lens_q, dtype=np.int64)
+    starts = np.asarray(seq_start_pos, dtype=np.int64)
+    cu = np.concatenate([[0], np.cumsum(lens)])
+    total = int(cu[-1])
+    positions = np.empty(total, dtype=np.int32)
+    slots = np.empty(total, dtype=np.int32)
+    for i, (n, p0) in enumerate(zip(lens, starts, strict=True)):
+        pos = np.arange(p0, p0 + n)
+        positions[cu[i] : cu[i + 1]] = pos
+        slots[cu[i] : cu[i + 1]] = block_tables[i][pos // block_size] * block_size + pos % block_size
+
+    groups: list[AttnGroup] = []
+    order_parts: list[np.ndarray] = []
+    for members in (np.flatnonzero(lens == 1), np.flatnonzero(lens > 1)):
+        if members.size == 0:
+            continue
+        lq = int(lens[members].max())
+        nb = max(len(block_tables[i]) for i in members)
+        s = members.size
+        tok = np.empty((s, lq), dtype=np.int32)
+        qpos = np.zeros((s, lq), dtype=np.int32)
+        valid = np.zeros((s, lq), dtype=bool)
+        table = np.zeros((s, nb), dtype=np.int32)
+        for row, i in enumerate(members):
+            n = lens[i]
+            tok[row, :n] = np.arange(cu[i], cu[i + 1])
+            tok[row, n:] = cu[i]
+            qpos[row, :n] = positions[cu[i] : cu[i + 1]]
+            valid[row, :n] = True
+            table[row, : len(block_tables[i])] = block_tables[i]
+        flat_valid = valid.reshape(-1)
+        rows = None if flat_valid.all() else mx.array(np.flatnonzero(flat_valid).astype(np.int32))
+        groups.append(AttnGroup(mx.array(tok), mx.array(qpos), mx.array(table), rows))
+        order_parts.append(tok.reshape(-1)[flat_valid])
+    concat_rows = np.concatenate(order_parts)
+    out_order = np.empty(total, dtype=np.int32)
+    out_order[concat_rows] = np.arange(total, dtype=np.int32)
+    return StepMetadata(mx.array(positions), mx.array(slots), groups, mx.array(out_order))
+
+
+def paged_attention(
+    queries: mx.array,
+    k_pool: mx.array,
+    v_pool: mx.array,
+    meta: StepMetadata,
+    block_size: int,
+    scale: float,
+    window: int | None = None,
+    sinks: mx.array | None = None,
+) -> mx.array:
+    """Attention of packed queries ``(T, H, D)`` over paged K/V pools ``(slots, KVH, D)``.
+
+    Returns ``(T, H, D)``. Each group gathers its sequences' blocks, runs one fused SDPA with
+    an absolute-position causal mask (plus window), and the rows are put back in packed order.
+    """
+    num_blocks = k_pool.shape[0] // block_size
+    kvh, dk = k_pool.shape[1], k_pool.shape[2]
+    dv = v_pool.shape[2]
+    k_blocks = k_pool.reshape(num_blocks, block_size, kvh, dk)
+    v_blocks = v_pool.reshape(num_blocks, block_size, kvh, dv)
+    outs = []
+    for g in meta.groups:
+        s, lq = g.token_index.shape
+        nb = g.block_table.shape[1]
+        q = queries[g.token_index.reshape(-1)].reshape(s, lq, -1, dk).transpose(0, 2, 1, 3)
+        k = k_blocks[g.block_table].reshape(s, nb * block_size, kvh, dk).transpose(0, 2, 1, 3)
+        v = v_blocks[g.block_table].reshape(s, nb * block_size, kvh, dv).transpose(0, 2, 1, 3)
+        o = mx.fast.scaled_dot_product_attention(
+            q, k, v, scale=scale, mask=g.mask(window, block_size), sinks=sinks
+        )
+        o = o.transpose(0, 2, 1, 3).reshape(s * lq, -1, dv)
+        outs.append(o if g.valid_rows is None else o[g.valid_rows])
+    out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
+    return out[meta.out_order]
+
+
+class PagedKVStore:
+    """Per-layer K/V pools of shape ``(num_blocks * block_size, kv_heads, head_dim)``."""
+
+    def __init__(self, specs: list[LayerSpec], num_blocks: int, block_size: int, dtype: mx.Dtype):
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        slots = num_blocks * block_size
+        self.k = [mx.zeros((slots, s.kv_heads, s.head_dim), dtype=dtype) for s in specs]
+        self.v = [mx.zeros((slots, s.kv_heads, s.v_head_dim), dtype=dtype) for s in specs]
+        mx.eval(self.k, self.v)
+        self.step: StepMetadata | None = None
+        self.calls = 0
+
+    def arrays(self) -> list[mx.array]:
+        return self.k + self.v
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays())
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy whole blocks ``src -> dst`` in every layer (scheduler-requested block copies)."""
+        if not pairs:
+            return
+        bs = self.block_size
+        src = np.concatenate([np.arange(s * bs, (s + 1) * bs) for s, _ in pairs])
+        dst = np.concatenate([np.arange(d * bs, (d + 1) * bs) for _, d in pairs])
+        src_i, dst_i = mx.array(src), mx.array(dst)
+        for pools in (self.k, self.v):
+            for i, pool in enumerate(pools):
+                pool[dst_i] = pool[src_i]
+                pools[i] = pool
+        mx.eval(self.arrays())
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What the KV cache of one attention layer looks like."""
+
+    kv_heads: int
+    head_dim: int
+    v_head_dim: int
+    window: int | None
+
+
+class PagedLayerCache:
+    """Stands in for an mlx-lm KV cache of one layer; the model's attention code calls it."""
+
+    def __init__(self, store: PagedKVStore, layer: int, window: int | None):
+        self.store = store
+        self.layer = layer
+        self.window = window
+
+    @property
+    def offset(self) -> mx.array:
+        return self.store.step.positions
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Write this step's K/V (shape ``(T, KVH, 1, D)``) into the pools by slot mapping."""
+        step = self.store.step
+        t = keys.shape[0]
+        k_pool = self.store.k[self.layer]
+        v_pool = self.store.v[self.layer]
+        k_pool[step.slot_mapping] = keys.reshape(t, k_pool.shape[1], -1).astype(k_pool.dtype)
+        v_pool[step.slot_mapping] = values.reshape(t, v_pool.shape[1], -1).astype(v_pool.dtype)
+        self.store.k[self.layer] = k_pool
+        self.store.v[self.layer] = v_pool
+        return keys, values
+
+    def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None):
+        return None  # masks come from the step metadata
+
+    def attend(self, queries: mx.array, scale: float, sinks: mx.array | None) -> mx.array:
+        """Queries ``(T, H, 1, D)`` -> output ``(T, H, 1, Dv)``."""
+        self.store.calls += 1
+        t, h = queries.shape[0], queries.shape[1]
+        out = paged_attention(
+            queries.reshape(t, h, -1),
+            self.store.k[self.layer],
+            self.store.v[self.layer],
+            self.store.step,
+            self.store.block_size,
+            scale,
+            self.window,
+            sinks,
+        )
+        return out.reshape(t, h, 1, -1).astype(queries.dtype)
+
+
+def _paged_sdpa(original):
+    def sdpa(queries, keys, values, cache, scale, mask, sinks=None, **kwargs):
+        if isinstance(cache, PagedLayerCache):
+            return cache.attend(queries, scale, sinks)
+        return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks, **kwargs)
+
+    sdpa.__vllm_metal_paged__ = True
+    return sdpa
+
+
+def patch_model_attention(model: nn.Module) -> int:
+    """Route the model's ``scaled_dot_product_attention`` calls to the paged cache.
+
+    mlx-lm model files import ``scaled_dot_product_attention`` from ``mlx_lm.models.base``;
+    we rebind that name in each module that defines a class of this model. Returns how many
+    modules were patched (0 means the model computes attention some other way).
+    """
+    from mlx_lm.models import base
+
+    patched = 0
+    names = {type(m).__module__ for _, m in model.named_modules()}
+    for name in names:
+        module = sys.modules.get(name)
+        fn = getattr(module, "scaled_dot_product_attention", None)
+        if fn is None:
+            continue
+        if getattr(fn, "__vllm_metal_paged__", False):
+            patched += 1
+        elif fn is base.scaled_dot_product_attention:
+            module.scaled_dot_product_attention = _paged_sdpa(fn)
+            patched += 1
+    return patched
+
+
+def layer_specs(model: nn.Module) -> list[LayerSpec]:
+    """Per-layer KV geometry, from the caches mlx-lm would build for this model."""
+    from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
+
+    caches = make_prompt_cache(model)
+    layers = getattr(model, "layers", None)
+    if layers is None or len(layers) != len(caches):
+        raise UnsupportedModelError(
+            f"{type(model).__module__}: cannot map its {len(caches)} caches to layers."
+        )
+    specs = []
+    for i, (layer, cache) in enumerate(zip(layers, caches, strict=True)):
+        if type(cache) not in (KVCache, RotatingKVCache):
+            raise UnsupportedModelError(
+                f"{type(model).__module__}: layer {i} keeps a {type(cache).__name__} "
+                "(recurrent or custom state), which the paged KV path cannot hold yet."
+            )
+        attn = _attention_module(layer)
+        kv_heads = getattr(attn, "n_kv_heads", None) or getattr(attn, "num_key_value_heads", None)
+        head_dim = getattr(attn, "head_dim", None)
+        if kv_heads is None or head_dim is None:
+            k_proj = getattr(attn, "k_proj", None)
+            n_heads = getattr(attn, "n_heads", None) or getattr(attn, "num_heads", None)
+            if k_proj is None or n_heads is None:
+                raise UnsupportedModelError(
+                    f"{type(model).__module__}: cannot read the KV head layout of layer {i}."
+                )
+        window = cache.max_size if isinstance(cache, RotatingKVCache) else None
+        v_head_dim = getattr(attn, "v_head_dim", None) or head_dim
+        specs.append(LayerSpec(int(kv_heads), int(head_dim), int(v_head_dim), window))
+    return specs
+
+
+def _attention_module(layer: nn.Module) -> nn.Module:
+    for name in ("self_attn", "attention", "attn", "mixer"):
+        attn = getattr(layer, name, None)
+        if attn is not None:
+            return attn
+    raise UnsupportedModelError(f"cannot find the attention module of {type(layer).__name__}.")

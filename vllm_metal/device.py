@@ -1,0 +1,56 @@
+"""Which MLX device runs the model, and how much memory it has.
+
+``VLLM_MLX_DEVICE=gpu`` means Metal on Apple Silicon and CUDA where ``mlx[cuda13]`` is installed;
+with neither, MLX's CPU backend is used and a warning says so.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import mlx.core as mx
+import psutil
+from vllm.logger import init_logger
+
+logger = init_logger("vllm.metal")
+
+
+def gpu_backend() -> str | None:
+    """'metal', 'cuda' or None: the accelerator MLX can use in this process."""
+    if mx.metal.is_available():
+        return "metal"
+    if hasattr(mx, "cuda") and mx.cuda.is_available():
+        return "cuda"
+    return None
+
+
+@functools.cache
+def select_device(requested: str) -> mx.Device:
+    """Make ``requested`` ('gpu' or 'cpu') MLX's default device; fall back to CPU with a warning."""
+    if requested == "gpu" and gpu_backend() is None:
+        logger.warning(
+            "VLLM_MLX_DEVICE=gpu but MLX has no Metal or CUDA device here; running on MLX's CPU "
+            "backend (slow). On Linux+NVIDIA install mlx[cuda13]; set VLLM_MLX_DEVICE=cpu to "
+            "silence this warning."
+        )
+        requested = "cpu"
+    device = mx.gpu if requested == "gpu" else mx.cpu
+    mx.set_default_device(device)
+    return device
+
+
+def describe_device() -> str:
+    device = mx.default_device()
+    if device.type == mx.DeviceType.gpu:
+        return f"gpu ({gpu_backend()})"
+    return "cpu"
+
+
+def device_memory_bytes() -> int:
+    """Memory MLX may use: Metal's recommended working set, the CUDA card's, or system RAM."""
+    if mx.default_device().type == mx.DeviceType.gpu:
+        info = mx.device_info()
+        for key in ("max_recommended_working_set_size", "memory_size", "total_memory"):
+            if info.get(key):
+                return int(info[key])
+    return int(psutil.virtual_memory().total)

@@ -1,0 +1,173 @@
+"""The plugin's configuration: one table of environment variables, parsed and validated here.
+
+Every knob the plugin reads lives in ``ENV_VARS``; ``load()`` parses them all at once and raises
+``MetalConfigError`` naming the variable and its valid values. ``register_with_vllm()`` adds them
+to vLLM's own table so vLLM does not warn about unknown ``VLLM_*`` variables.
+``docs/configuration.md`` is checked against this table by the test suite.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+class MetalConfigError(ValueError):
+    """A plugin setting is invalid; the message names the variable and the fix."""
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise MetalConfigError(f"{name}={raw!r} is not a boolean; use 1/0 (or true/false).")
+
+
+def _choice(*choices: str) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise MetalConfigError(f"{name}={raw!r} is invalid; valid values: {', '.join(choices)}.")
+        return value
+
+    return parse
+
+
+def _fraction(allow_auto: bool) -> Callable[[str, str], float | str]:
+    def parse(name: str, raw: str) -> float | str:
+        value = raw.strip().lower()
+        if allow_auto and value == "auto":
+            return "auto"
+        try:
+            number = float(value)
+        except ValueError:
+            number = float("nan")
+        if not 0.0 < number <= 1.0:
+            valid = "'auto' or a number in (0, 1]" if allow_auto else "a number in (0, 1]"
+            raise MetalConfigError(f"{name}={raw!r} is invalid; use {valid}.")
+        return number
+
+    return parse
+
+
+def _block_size(name: str, raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value not in (8, 16, 32, 64, 128):
+        raise MetalConfigError(f"{name}={raw!r} is invalid; use one of 8, 16, 32, 64, 128.")
+    return value
+
+
+def _path(name: str, raw: str) -> str | None:
+    return os.path.expanduser(raw) if raw else None
+
+
+@dataclass(frozen=True)
+class EnvVar:
+    name: str
+    default: str
+    parse: Callable[[str, str], Any]
+    doc: str
+
+
+ENV_VARS: tuple[EnvVar, ...] = (
+    EnvVar("VLLM_METAL_MEMORY_FRACTION", "auto", _fraction(allow_auto=True),
+           "`auto`, or a fraction in (0, 1] of the device memory the KV cache may fill "
+           "(numeric values need the paged path). `auto` on the paged path means 0.9."),
+    EnvVar("VLLM_METAL_USE_MLX", "1", _bool,
+           "Use MLX for compute. `0` is refused: MLX is the plugin's only compute path "
+           "(use vLLM's own CPU backend with `VLLM_PLUGINS=` instead)."),
+    EnvVar("VLLM_MLX_DEVICE", "gpu", _choice("gpu", "cpu"),
+           "MLX device: `gpu` (Metal on Apple Silicon, CUDA with `mlx[cuda13]`; falls back to "
+           "the CPU with a warning when MLX has no GPU) or `cpu`."),
+    EnvVar("VLLM_METAL_BLOCK_SIZE", "16", _block_size,
+           "Tokens per KV cache block (8, 16, 32, 64 or 128). `--block-size` wins when given."),
+    EnvVar("VLLM_METAL_USE_PAGED_ATTENTION", "1", _bool,
+           "Paged KV cache owned by vLLM's block manager (default). `0` is reserved for the "
+           "MLX-managed cache path."),
+    EnvVar("VLLM_METAL_DEBUG", "0", _bool,
+           "Debug logs: per-step batch shape, timings and KV memory."),
+    EnvVar("VLLM_USE_MODELSCOPE", "False", _bool,
+           "Resolve model ids through ModelScope's cache instead of the Hugging Face hub."),
+    EnvVar("VLLM_METAL_MODELSCOPE_CACHE", "", _path,
+           "Absolute path of a local ModelScope model directory or cache root."),
+    EnvVar("VLLM_METAL_PREFIX_CACHE", "", _bool,
+           "Set to 1 to turn on prefix caching (same as `--enable-prefix-caching`)."),
+    EnvVar("VLLM_METAL_PREFIX_CACHE_FRACTION", "0.05", _fraction(allow_auto=False),
+           "Fraction in (0, 1] of the KV cache that cached prefixes may keep."),
+)
+
+
+@dataclass(frozen=True)
+class MetalEnvs:
+    memory_fraction: float | str
+    use_mlx: bool
+    mlx_device: str
+    block_size: int
+    use_paged_attention: bool
+    debug: bool
+    use_modelscope: bool
+    modelscope_cache: str | None
+    prefix_cache: bool
+    prefix_cache_fraction: float
+    block_size_set: bool
+    prefix_cache_set: bool
+
+
+def load(environ: dict[str, str] | None = None) -> MetalEnvs:
+    """Parse every variable and check the combinations; raise MetalConfigError on a bad one."""
+    env = os.environ if environ is None else environ
+    raw = {var.name: env.get(var.name, var.default) for var in ENV_VARS}
+    parsed = {var.name: var.parse(var.name, raw[var.name]) for var in ENV_VARS}
+    cfg = MetalEnvs(
+        memory_fraction=parsed["VLLM_METAL_MEMORY_FRACTION"],
+        use_mlx=parsed["VLLM_METAL_USE_MLX"],
+        mlx_device=parsed["VLLM_MLX_DEVICE"],
+        block_size=parsed["VLLM_METAL_BLOCK_SIZE"],
+        use_paged_attention=parsed["VLLM_METAL_USE_PAGED_ATTENTION"],
+        debug=parsed["VLLM_METAL_DEBUG"],
+        use_modelscope=parsed["VLLM_USE_MODELSCOPE"],
+        modelscope_cache=parsed["VLLM_METAL_MODELSCOPE_CACHE"],
+        prefix_cache=parsed["VLLM_METAL_PREFIX_CACHE"],
+        prefix_cache_fraction=parsed["VLLM_METAL_PREFIX_CACHE_FRACTION"],
+        block_size_set="VLLM_METAL_BLOCK_SIZE" in env,
+        prefix_cache_set=bool(env.get("VLLM_METAL_PREFIX_CACHE")),
+    )
+    if not cfg.use_mlx:
+        raise MetalConfigError(
+            "VLLM_METAL_USE_MLX=0: MLX is vllm-metal's only compute path. Unset it, or run "
+            "vLLM's built-in CPU backend instead with VLLM_PLUGINS= (empty) or "
+            "VLLM_TARGET_DEVICE=cpu."
+        )
+    if not cfg.use_paged_attention and cfg.memory_fraction != "auto":
+        raise MetalConfigError(
+            f"VLLM_METAL_MEMORY_FRACTION={cfg.memory_fraction} needs the paged KV path: set "
+            "VLLM_METAL_USE_PAGED_ATTENTION=1, or VLLM_METAL_MEMORY_FRACTION=auto."
+        )
+    if not cfg.use_paged_attention:
+        raise MetalConfigError(
+            "VLLM_METAL_USE_PAGED_ATTENTION=0 (MLX-managed cache) is not available in this "
+            "release; unset it to use the paged KV cache."
+        )
+    return cfg
+
+
+def register_with_vllm() -> None:
+    """Add the plugin's variables to vLLM's table so vLLM does not warn they are unknown."""
+    import vllm.envs as vllm_envs
+
+    for var in ENV_VARS:
+        if var.name not in vllm_envs.environment_variables:
+            vllm_envs.environment_variables[var.name] = (
+                lambda v=var: v.parse(v.name, os.environ.get(v.name, v.default))
+            )

@@ -1,0 +1,140 @@
+"""Load an mlx-lm model for vLLM: HF safetensors or MLX (quantized) checkpoints, any dtype.
+
+The model object stays mlx-lm's own; we only (1) cast floating weights to vLLM's dtype,
+(2) route its attention to the paged cache and (3) wrap its final norm so the LM head runs
+on the rows we need logits for, not on every prompt token.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map
+from vllm.logger import init_logger
+
+from vllm_metal.attention import LayerSpec, UnsupportedModelError, layer_specs, patch_model_attention
+from vllm_metal.bridge import torch_dtype_to_mlx
+
+logger = init_logger("vllm.metal")
+
+
+class RowSelect(nn.Module):
+    """Wraps a model's final norm: applies it only to ``rows`` of the packed hidden states."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.inner = norm
+        self.rows: mx.array | None = None
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.inner(x if self.rows is None else x[self.rows])
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    config: dict
+    specs: list[LayerSpec]
+    row_select: RowSelect | None
+    dtype: mx.Dtype
+    weight_bytes: int
+
+    def logits(self, tokens: mx.array, caches: list, rows: mx.array) -> mx.array:
+        """Run the packed batch ``(T,)`` and return logits ``(len(rows), vocab)``."""
+        if self.row_select is not None:
+            self.row_select.rows = rows
+            out = self.model(tokens[:, None], cache=caches)
+            self.row_select.rows = None
+            return out.reshape(out.shape[0], -1)
+        out = self.model(tokens[:, None], cache=caches)
+        return out.reshape(out.shape[0], -1)[rows]
+
+
+def _final_norm_owner(model: nn.Module) -> tuple[nn.Module, str] | None:
+    for path in ("model", "language_model.model", "transformer", "backbone"):
+        owner = model
+        for part in path.split("."):
+            owner = getattr(owner, part, None)
+            if owner is None:
+                break
+        if owner is None:
+            continue
+        for name in ("norm", "ln_f", "final_layernorm", "norm_f"):
+            if isinstance(getattr(owner, name, None), nn.Module):
+                return owner, name
+    return None
+
+
+def resolve_model_dir(model: str) -> Path:
+    """A local checkpoint directory for ``model`` (a path or an already-downloaded hub id)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, local_files_only=True))
+    except Exception as exc:  # noqa: BLE001 - any hub failure means "not available offline"
+        raise FileNotFoundError(
+            f"Model {model!r} is neither a local directory nor in the Hugging Face cache. "
+            "Pass a local checkpoint path, or download it first (huggingface-cli download)."
+        ) from exc
+
+
+def load(model_dir: Path, dtype, trust_remote_code: bool = False) -> LoadedModel:
+    """Load, cast to ``dtype`` (a torch dtype), patch attention; log progress while loading."""
+    from mlx_lm.utils import load_model
+
+    start = time.perf_counter()
+    try:
+        model, config = load_model(model_dir, lazy=True, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        if "not supported" in str(exc):
+            raise UnsupportedModelError(f"{exc} {supported_architectures_hint()}") from exc
+        raise
+    target = torch_dtype_to_mlx(dtype)
+
+    def cast(a: mx.array) -> mx.array:
+        return a.astype(target) if mx.issubdtype(a.dtype, mx.floating) and a.dtype != target else a
+
+    model.update(tree_map(cast, model.parameters()))
+    layers = getattr(model, "layers", [])
+    for i, layer in enumerate(layers):
+        mx.eval(layer.parameters())
+        if (i + 1) % max(1, len(layers) // 4) == 0 or i + 1 == len(layers):
+            logger.info("vllm-metal: loaded %d/%d layers", i + 1, len(layers))
+    mx.eval(model.parameters())
+    weight_bytes = sum(a.nbytes for _, a in tree_flatten(model.parameters()))
+
+    specs = layer_specs(model)
+    if patch_model_attention(model) == 0:
+        raise UnsupportedModelError(
+            f"{type(model).__module__} computes attention without mlx-lm's "
+            "scaled_dot_product_attention, so it cannot run on the paged KV path."
+        )
+    owner = _final_norm_owner(model)
+    row_select = None
+    if owner is not None:
+        row_select = RowSelect(getattr(owner[0], owner[1]))
+        setattr(owner[0], owner[1], row_select)
+    logger.info(
+        "vllm-metal: loaded %s (%s, %.1f MiB of weights) in %.1fs",
+        model_dir, config.get("model_type"), weight_bytes / 2**20, time.perf_counter() - start,
+    )
+    return LoadedModel(model, config, specs, row_select, target, weight_bytes)
+
+
+def supported_architectures_hint() -> str:
+    import pkgutil
+
+    import mlx_lm.models
+
+    names = sorted(
+        m.name for m in pkgutil.iter_modules(mlx_lm.models.__path__)
+        if m.name not in ("base", "cache", "rope_utils", "activations", "switch_layers", "pipeline")
+    )
+    return "Model types mlx-lm can run: " + ", ".join(names) + "."

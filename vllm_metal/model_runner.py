@@ -1,0 +1,342 @@
+"""MetalModelRunner: one ``SchedulerOutput`` in, one packed MLX forward, one ``ModelRunnerOutput`` out.
+
+Request bookkeeping and sampling are vLLM's own: the persistent ``InputBatch`` (token history,
+block tables, sampling params, logits-processor state) and the ``Sampler`` (temperature, top-k/p,
+min-p, penalties, logit bias, min-tokens, logprobs, seeds), running on small CPU torch tensors.
+The forward pass and the KV cache are MLX (``attention.py``, ``loader.py``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+import torch
+from vllm.config import VllmConfig
+from vllm.logger import init_logger
+from vllm.sampling_params import SamplingType
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheSpec
+from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, LogprobsTensors, ModelRunnerOutput
+from vllm.v1.sample.logits_processor import build_logitsprocs
+from vllm.v1.sample.sampler import Sampler
+from vllm.v1.worker.gpu_input_batch import CachedRequestState, InputBatch
+
+from vllm_metal.attention import PagedKVStore, PagedLayerCache, UnsupportedModelError, build_step_metadata
+from vllm_metal.bridge import mlx_to_torch
+from vllm_metal.loader import LoadedModel, load, resolve_model_dir
+
+logger = init_logger("vllm.metal")
+
+
+@dataclass
+class _PendingStep:
+    """What ``execute_model`` leaves for ``sample_tokens``: logits and which rows mean what."""
+
+    scheduler_output: object
+    logits: mx.array  # (num_reqs + prompt rows, vocab)
+    num_reqs: int
+    partial: list[bool]  # request still in prefill after this step: its sample is discarded
+    prompt_rows: dict[str, tuple[int, int, int]]  # req_id -> (first logits row, count, start pos)
+
+
+class MetalModelRunner:
+    def __init__(self, vllm_config: VllmConfig, debug: bool = False):
+        self.vllm_config = vllm_config
+        self.model_config = vllm_config.model_config
+        self.cache_config = vllm_config.cache_config
+        self.scheduler_config = vllm_config.scheduler_config
+        self.debug = debug
+        self.device = torch.device("cpu")
+        self.block_size = self.cache_config.block_size
+        self.max_model_len = self.model_config.max_model_len
+        self.max_num_reqs = self.scheduler_config.max_num_seqs
+        self.max_num_tokens = self.scheduler_config.max_num_batched_tokens
+        self.vocab_size = self.model_config.get_vocab_size()
+        self.requests: dict[str, CachedRequestState] = {}
+        self.num_prompt_logprobs: dict[str, int] = {}
+        self.sampler = Sampler(logprobs_mode=self.model_config.logprobs_mode)
+        self.input_batch = self._new_input_batch(
+            build_logitsprocs(vllm_config, self.device, False, False, ())
+        )
+        self.loaded: LoadedModel | None = None
+        self.kv: PagedKVStore | None = None
+        self.layer_index: dict[str, int] = {}
+        self._pending: _PendingStep | None = None
+        self._verified = False
+
+    def _new_input_batch(self, logitsprocs) -> InputBatch:
+        return InputBatch(
+            max_num_reqs=self.max_num_reqs,
+            max_model_len=self.max_model_len,
+            max_num_batched_tokens=self.max_num_tokens,
+            device=self.device,
+            vocab_size=self.vocab_size,
+            block_sizes=[self.block_size],
+            max_num_blocks_per_req=[-(-self.max_model_len // self.block_size)],
+            logitsprocs=logitsprocs,
+            is_pooling_model=False,
+        )
+
+    # ----------------------------------------------------------------- model and KV cache
+    def load_model(self) -> None:
+        path = resolve_model_dir(self.model_config.model)
+        self.loaded = load(path, self.model_config.dtype, self.model_config.trust_remote_code)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.loaded.specs)
+
+    def get_kv_cache_spec(self) -> dict[str, KVCacheSpec]:
+        """One full-attention spec per layer; sliding windows are applied in the mask only."""
+        dtype = self.model_config.dtype
+        specs: dict[str, KVCacheSpec] = {}
+        for i, s in enumerate(self.loaded.specs):
+            name = f"model.layers.{i}.self_attn"
+            self.layer_index[name] = i
+            specs[name] = FullAttentionSpec(
+                block_size=self.block_size,
+                num_kv_heads=s.kv_heads,
+                head_size=s.head_dim,
+                head_size_v=s.v_head_dim,
+                dtype=dtype,
+            )
+        return specs
+
+    def kv_bytes_per_block(self) -> int:
+        item = self.loaded.dtype.size
+        return sum(
+            self.block_size * s.kv_heads * (s.head_dim + s.v_head_dim) * item for s in self.loaded.specs
+        )
+
+    def initialize_kv_cache(self, kv_cache_config: KVCacheConfig) -> None:
+        groups = kv_cache_config.kv_cache_groups
+        if len(groups) != 1:
+            raise UnsupportedModelError(f"expected one KV cache group, got {len(groups)}")
+        self.block_size = groups[0].kv_cache_spec.block_size
+        self.kv = PagedKVStore(
+            self.loaded.specs, kv_cache_config.num_blocks, self.block_size, self.loaded.dtype
+        )
+        self.input_batch = self._new_input_batch(self.input_batch.logitsprocs)
+        logger.info(
+            "vllm-metal: paged KV cache of %d blocks x %d tokens (%.1f MiB)",
+            self.kv.num_blocks, self.block_size, self.kv.nbytes() / 2**20,
+        )
+
+    def profile_forward(self, num_tokens: int) -> None:
+        """Run one prefill of ``num_tokens`` into a scratch KV store (memory profiling, warm-up)."""
+        num_tokens = max(1, min(num_tokens, self.max_model_len))
+        blocks = -(-num_tokens // self.block_size) + 1
+        saved, self.kv = self.kv, PagedKVStore(self.loaded.specs, blocks, self.block_size, self.loaded.dtype)
+        try:
+            meta = build_step_metadata([num_tokens], [0], [np.arange(1, blocks)], self.block_size)
+            tokens = mx.zeros((num_tokens,), dtype=mx.int32)
+            logits = self._forward(tokens, meta, mx.array([num_tokens - 1]))
+            mx.eval(logits)
+        finally:
+            self.kv = saved
+
+    def _forward(self, tokens: mx.array, meta, rows: mx.array) -> mx.array:
+        store = self.kv
+        store.step = meta
+        store.calls = 0
+        caches = [PagedLayerCache(store, i, s.window) for i, s in enumerate(self.loaded.specs)]
+        logits = self.loaded.logits(tokens, caches, rows)
+        mx.eval(logits, store.arrays())
+        if not self._verified:
+            if store.calls != self.num_layers:
+                raise UnsupportedModelError(
+                    f"{type(self.loaded.model).__module__}: only {store.calls} of "
+                    f"{self.num_layers} layers attended through the paged cache; this model's "
+                    "attention is not supported on the paged path."
+                )
+            self._verified = True
+        store.step = None
+        return logits
+
+    # ----------------------------------------------------------------- request state
+    def _update_states(self, so) -> None:
+        batch = self.input_batch
+        for req_id in so.finished_req_ids:
+            self.requests.pop(req_id, None)
+            self.num_prompt_logprobs.pop(req_id, None)
+            batch.remove_request(req_id)
+        if so.kv_cache_block_copies:
+            self.kv.copy_blocks([(c.src_block_id, c.dst_block_id) for c in so.kv_cache_block_copies])
+
+        cached = so.scheduled_cached_reqs
+        scheduled = so.num_scheduled_tokens.keys()
+        for req_id in batch.req_id_to_index.keys() - (scheduled - cached.resumed_req_ids):
+            batch.remove_request(req_id)
+
+        to_add: list[CachedRequestState] = []
+        for new in so.scheduled_new_reqs:
+            params = new.sampling_params
+            if params is None:
+                raise ValueError("vllm-metal runs generation models only (no pooling params).")
+            generator = None
+            if params.sampling_type == SamplingType.RANDOM_SEED:
+                generator = torch.Generator(device="cpu")
+                generator.manual_seed(params.seed)
+            state = CachedRequestState(
+                req_id=new.req_id,
+                prompt_token_ids=new.prompt_token_ids,
+                prompt_embeds=new.prompt_embeds,
+                mm_features=new.mm_features,
+                sampling_params=params,
+                generator=generator,
+                block_ids=new.block_ids,
+                num_computed_tokens=new.num_computed_tokens,
+                output_token_ids=[],
+                lora_request=new.lora_request,
+            )
+            if new.prompt_token_ids is None:
+                raise ValueError("prompt embeddings are not supported by vllm-metal.")
+            self.requests[new.req_id] = state
+            if params.prompt_logprobs is not None:
+                self.num_prompt_logprobs[new.req_id] = (
+                    self.vocab_size if params.prompt_logprobs == -1 else params.prompt_logprobs
+                )
+            to_add.append(state)
+
+        for i, req_id in enumerate(cached.req_ids):
+            state = self.requests[req_id]
+            state.num_computed_tokens = cached.num_computed_tokens[i]
+            num_output = cached.num_output_tokens[i]
+            new_blocks = cached.new_block_ids[i]
+            index = batch.req_id_to_index.get(req_id)
+            if req_id in cached.all_token_ids and num_output > 0:
+                state.output_token_ids[:] = cached.all_token_ids[req_id][-num_output:]
+            elif num_output < len(state.output_token_ids):
+                del state.output_token_ids[num_output:]
+                if index is not None:
+                    batch.num_tokens_no_spec[index] = batch.num_prompt_tokens[index] + num_output
+            if req_id in cached.resumed_req_ids:
+                state.block_ids = new_blocks
+            elif new_blocks is not None:
+                for ids, extra in zip(state.block_ids, new_blocks, strict=True):
+                    ids.extend(extra)
+            if index is None:
+                to_add.append(state)
+                continue
+            batch.num_computed_tokens_cpu[index] = state.num_computed_tokens
+            if new_blocks is not None:
+                batch.block_table.append_row(new_blocks, index)
+
+        for state in to_add:
+            batch.add_request(state)
+        batch.condense()
+        batch.refresh_metadata()
+
+    # ----------------------------------------------------------------- one step
+    def execute_model(self, so) -> ModelRunnerOutput | None:
+        t0 = time.perf_counter()
+        self._update_states(so)
+        if so.total_num_scheduled_tokens == 0:
+            return EMPTY_MODEL_RUNNER_OUTPUT
+        batch = self.input_batch
+        num_reqs = batch.num_reqs
+        table = batch.block_table[0]
+        lens, starts, tables, token_parts, partial = [], [], [], [], []
+        for i, req_id in enumerate(batch.req_ids):
+            n = so.num_scheduled_tokens[req_id]
+            start = int(batch.num_computed_tokens_cpu[i])
+            lens.append(n)
+            starts.append(start)
+            tables.append(table.block_table.np[i, : table.num_blocks_per_row[i]])
+            token_parts.append(batch.token_ids_cpu[i, start : start + n])
+            partial.append(start + n < batch.num_tokens_no_spec[i])
+        cu = np.cumsum([0] + lens)
+        rows = list(cu[1:] - 1)
+        prompt_rows: dict[str, tuple[int, int, int]] = {}
+        for req_id in self.num_prompt_logprobs:
+            i = batch.req_id_to_index.get(req_id)
+            if i is None:
+                continue
+            prompt_rows[req_id] = (len(rows), lens[i], starts[i])
+            rows.extend(range(cu[i], cu[i + 1]))
+
+        meta = build_step_metadata(lens, starts, tables, self.block_size)
+        tokens = mx.array(np.concatenate(token_parts).astype(np.int32))
+        logits = self._forward(tokens, meta, mx.array(np.asarray(rows, dtype=np.int32)))
+        self._pending = _PendingStep(so, logits, num_reqs, partial, prompt_rows)
+        if self.debug:
+            logger.info(
+                "vllm-metal step: %d reqs, %d tokens (%d decode), forward %.1f ms, KV %.1f MiB",
+                num_reqs, int(cu[-1]), lens.count(1), (time.perf_counter() - t0) * 1e3,
+                self.kv.nbytes() / 2**20,
+            )
+        return None
+
+    def sample_tokens(self, grammar_output) -> ModelRunnerOutput:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return EMPTY_MODEL_RUNNER_OUTPUT
+        batch = self.input_batch
+        n = pending.num_reqs
+        logits = mlx_to_torch(pending.logits.astype(mx.float32))
+        sample_logits = logits[:n].clone()
+        if grammar_output is not None:
+            from vllm.v1.structured_output.utils import apply_grammar_bitmask
+
+            apply_grammar_bitmask(pending.scheduler_output, grammar_output, batch, sample_logits)
+
+        # A request still prefilling gets no token; keep its seeded generator where it was.
+        saved = {
+            i: g.get_state() for i, g in batch.generators.items() if i < n and pending.partial[i]
+        }
+        out = self.sampler(sample_logits, batch.sampling_metadata)
+        for i, state in saved.items():
+            batch.generators[i].set_state(state)
+
+        sampled = out.sampled_token_ids[:, 0].tolist()
+        sampled_lists: list[list[int]] = []
+        for i, req_id in enumerate(batch.req_ids):
+            if pending.partial[i]:
+                sampled_lists.append([])
+                continue
+            token = sampled[i]
+            sampled_lists.append([token])
+            end = int(batch.num_tokens_no_spec[i])
+            if end < self.max_model_len:
+                batch.token_ids_cpu[i, end] = token
+                batch.is_token_ids[i, end] = True
+            batch.num_tokens_no_spec[i] = end + 1
+            self.requests[req_id].output_token_ids.append(token)
+
+        return ModelRunnerOutput(
+            req_ids=list(batch.req_ids),
+            req_id_to_index=dict(batch.req_id_to_index),
+            sampled_token_ids=sampled_lists,
+            logprobs=out.logprobs_tensors.tolists() if out.logprobs_tensors is not None else None,
+            prompt_logprobs_dict=self._prompt_logprobs(logits, pending.prompt_rows),
+        )
+
+    def _prompt_logprobs(self, logits: torch.Tensor, prompt_rows) -> dict[str, LogprobsTensors | None]:
+        """Logprobs of each prompt token given its prefix, gathered chunk by chunk."""
+        result: dict[str, LogprobsTensors | None] = {}
+        for req_id, (row0, count, start) in prompt_rows.items():
+            state = self.requests[req_id]
+            k = self.num_prompt_logprobs[req_id]
+            num_prompt = len(state.prompt_token_ids)
+            if state.in_progress_prompt_logprobs_cpu is None:
+                state.in_progress_prompt_logprobs_cpu = LogprobsTensors.empty_cpu(num_prompt - 1, k + 1)
+            acc = state.in_progress_prompt_logprobs_cpu
+            remaining = num_prompt - (start + 1)
+            num_logits = min(count, remaining)
+            if count > remaining:
+                result[req_id] = acc
+                del self.num_prompt_logprobs[req_id]
+                state.in_progress_prompt_logprobs_cpu = None
+            if num_logits <= 0:
+                continue
+            targets = torch.tensor(state.prompt_token_ids[start + 1 : start + 1 + num_logits])
+            scores = logits[row0 : row0 + num_logits]
+            if self.model_config.logprobs_mode not in ("raw_logits", "processed_logits"):
+                scores = self.sampler.compute_logprobs(scores)
+            ids, lps, ranks, *_ = self.sampler.gather_logprobs(scores, k, targets)
+            acc.logprob_token_ids[start : start + num_logits].copy_(ids)
+            acc.logprobs[start : start + num_logits].copy_(lps)
+            acc.selected_token_ranks[start : start + num_logits].copy_(ranks)
+        return result

@@ -1,0 +1,149 @@
+"""MetalPlatform: tells vLLM that the model runs in MLX, and rewrites the config to fit.
+
+vLLM keeps its engine, scheduler and server; torch stays on the CPU (``device_type="cpu"``) and
+only carries small tensors at the boundaries (sampling). All config checks and rewrites live in
+``check_and_update_config`` so a refused configuration is refused before any weights load.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import TYPE_CHECKING
+
+import psutil
+import torch
+from vllm.logger import init_logger
+from vllm.platforms.interface import Platform, PlatformEnum
+
+from vllm_metal import compat, envs
+from vllm_metal.device import describe_device, device_memory_bytes, select_device
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
+logger = init_logger("vllm.metal")
+
+WORKER_CLS = "vllm_metal.worker.MetalWorker"
+
+
+class MetalPlatform(Platform):
+    _enum = PlatformEnum.OOT
+    device_name = "cpu"  # torch-side device: MLX owns the accelerator
+    device_type = "cpu"
+    dispatch_key = "CPU"
+    dist_backend = "gloo"
+    simple_compile_backend = "eager"
+    supported_quantization: list[str] = []
+
+    @classmethod
+    def log_warnings(cls) -> None:
+        logger.info("vllm-metal: MLX platform active on %s (pid %d)", describe_device(), os.getpid())
+
+    @property
+    def supported_dtypes(self) -> list[torch.dtype]:
+        return [torch.bfloat16, torch.float16, torch.float32]
+
+    @classmethod
+    def get_device_name(cls, device_id: int = 0) -> str:
+        return f"MLX {describe_device()}"
+
+    @classmethod
+    def get_device_total_memory(cls, device_id: int = 0) -> int:
+        return device_memory_bytes()
+
+    @classmethod
+    def is_pin_memory_available(cls) -> bool:
+        return False
+
+    @classmethod
+    def set_device(cls, device: torch.device) -> None:
+        """No-op: MLX picks its device itself; vLLM's executor only needs the call to succeed."""
+
+    @classmethod
+    def manual_seed_all(cls, seed: int) -> None:
+        import mlx.core as mx
+
+        mx.random.seed(seed)
+        random.seed(seed)
+        torch.manual_seed(seed)
+
+    @classmethod
+    def inference_mode(cls):
+        return torch.inference_mode(mode=True)
+
+    @classmethod
+    def get_current_memory_usage(cls, device: torch.device | None = None) -> float:
+        return float(psutil.Process().memory_info().rss)
+
+    @classmethod
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None) -> str:
+        # Attention never runs through vLLM's torch backends; this name only satisfies
+        # code paths that resolve one (e.g. KV cache layout negotiation).
+        return "vllm.v1.attention.backends.cpu_attn.CPUAttentionBackend"
+
+    @classmethod
+    def is_sleep_mode_available(cls) -> bool:
+        return False
+
+    @classmethod
+    def support_hybrid_kv_cache(cls) -> bool:
+        return False
+
+    @classmethod
+    def get_device_communicator_cls(cls) -> str:
+        return "vllm.distributed.device_communicators.cpu_communicator.CpuCommunicator"
+
+    @classmethod
+    def check_and_update_config(cls, vllm_config: VllmConfig) -> None:
+        """Validate our env vars and the vLLM flags we cannot honour; set worker and cache."""
+        cfg = envs.load()
+        select_device(cfg.mlx_device)  # logs the fallback once, early
+        compat.apply()
+
+        parallel = vllm_config.parallel_config
+        refuse = []
+        if parallel.tensor_parallel_size > 1:
+            refuse.append("--tensor-parallel-size must be 1")
+        if parallel.pipeline_parallel_size > 1:
+            refuse.append("--pipeline-parallel-size must be 1")
+        if parallel.data_parallel_size > 1:
+            refuse.append("--data-parallel-size must be 1")
+        if vllm_config.speculative_config is not None:
+            refuse.append("speculative decoding (--speculative-config) is not supported")
+        if vllm_config.lora_config is not None:
+            refuse.append("LoRA (--enable-lora) is not supported")
+        model_config = vllm_config.model_config
+        if model_config is not None and model_config.runner_type != "generate":
+            refuse.append(f"--runner {model_config.runner_type} is not supported; only generation")
+        if vllm_config.kv_transfer_config is not None:
+            refuse.append("--kv-transfer-config is not supported")
+        cache = vllm_config.cache_config
+        if cache.cache_dtype not in ("auto", None):
+            refuse.append(f"--kv-cache-dtype {cache.cache_dtype} is not supported; use auto")
+        if refuse:
+            raise ValueError("vllm-metal cannot run this configuration: " + "; ".join(refuse) + ".")
+
+        if parallel.worker_cls == "auto":
+            parallel.worker_cls = WORKER_CLS
+        if parallel.distributed_executor_backend is None:
+            parallel.distributed_executor_backend = "uni"
+
+        if not cache.user_specified_block_size:
+            cache.block_size = cfg.block_size
+        if cfg.prefix_cache_set:
+            cache.enable_prefix_caching = cfg.prefix_cache
+
+        # No torch.compile / CUDA graphs: the forward is MLX.
+        from vllm.config import CompilationMode
+
+        comp = vllm_config.compilation_config
+        comp.mode = CompilationMode.NONE
+        comp.cudagraph_capture_sizes = []
+        try:
+            from vllm.config import CUDAGraphMode
+
+            comp.cudagraph_mode = CUDAGraphMode.NONE
+        except ImportError:  # pragma: no cover - older vLLM
+            pass
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")

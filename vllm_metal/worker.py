@@ -1,0 +1,144 @@
+"""MetalWorker: vLLM's V1 worker contract on top of MLX.
+
+The engine calls, in order: ``init_device``, ``load_model``, ``get_kv_cache_spec``,
+``determine_available_memory`` (we profile one full prefill), ``initialize_from_config``
+(allocate the paged KV pools), ``compile_or_warm_up_model``, then ``execute_model`` /
+``sample_tokens`` per step, and ``shutdown``.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+
+import mlx.core as mx
+import torch
+from vllm.config import VllmConfig
+from vllm.logger import init_logger
+from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheSpec
+from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
+
+from vllm_metal import envs
+from vllm_metal.device import describe_device, device_memory_bytes, select_device
+from vllm_metal.model_runner import MetalModelRunner
+
+logger = init_logger("vllm.metal")
+
+CPU_AUTO_KV_CAP = 4 * 2**30  # MLX's CPU backend shares RAM with everything else
+
+
+class MetalWorker(WorkerBase):
+    def __init__(self, vllm_config: VllmConfig, local_rank: int, rank: int,
+                 distributed_init_method: str, is_driver_worker: bool = False):
+        super().__init__(vllm_config, local_rank, rank, distributed_init_method, is_driver_worker)
+        self.envs = envs.load()
+        self.model_runner: MetalModelRunner | None = None
+
+    def init_device(self) -> None:
+        device = select_device(self.envs.mlx_device)
+        self.device = torch.device("cpu")
+        seed = self.model_config.seed
+        if seed is not None:
+            mx.random.seed(seed)
+            torch.manual_seed(seed)
+        logger.info("vllm-metal: worker on MLX %s (%s)", describe_device(), device)
+        self.model_runner = MetalModelRunner(self.vllm_config, debug=self.envs.debug)
+
+    def load_model(self, *, load_dummy_weights: bool = False) -> None:
+        if load_dummy_weights:
+            raise ValueError("vllm-metal cannot load dummy weights (--load-format dummy).")
+        self.model_runner.load_model()
+
+    def get_model(self):
+        return self.model_runner.loaded.model
+
+    def get_kv_cache_spec(self) -> dict[str, KVCacheSpec]:
+        return self.model_runner.get_kv_cache_spec()
+
+    def get_supported_kv_cache_layouts(self) -> list[str]:
+        return ["NHD"]
+
+    def determine_available_memory(self) -> int:
+        """Bytes the KV cache may take: explicit ``--kv-cache-memory-bytes``, else a fraction of
+        device memory minus weights and the measured activation peak of one full prefill."""
+        runner = self.model_runner
+        explicit = self.cache_config.kv_cache_memory_bytes
+        if explicit is not None:
+            return int(explicit)
+        mx.reset_peak_memory()
+        runner.profile_forward(self.scheduler_config.max_num_batched_tokens)
+        peak = mx.get_peak_memory()
+        fraction = self.envs.memory_fraction
+        if fraction == "auto":
+            fraction = self.cache_config.gpu_memory_utilization
+        total = device_memory_bytes()
+        available = int(total * fraction) - max(peak, runner.loaded.weight_bytes)
+        if mx.default_device().type == mx.DeviceType.cpu and self.envs.memory_fraction == "auto":
+            available = min(available, CPU_AUTO_KV_CAP)
+        if available < runner.kv_bytes_per_block():
+            raise ValueError(
+                f"vllm-metal: no memory left for the KV cache ({total / 2**30:.1f} GiB device "
+                f"memory x {fraction} < weights + activations {peak / 2**30:.2f} GiB). Raise "
+                "VLLM_METAL_MEMORY_FRACTION / --gpu-memory-utilization, lower "
+                "--max-num-batched-tokens, or set --kv-cache-memory-bytes."
+            )
+        logger.info(
+            "vllm-metal: KV budget %.2f GiB (device %.1f GiB x %s, peak weights+activations %.2f GiB)",
+            available / 2**30, total / 2**30, fraction, peak / 2**30,
+        )
+        return available
+
+    def initialize_from_config(self, kv_cache_config: KVCacheConfig) -> None:
+        self.model_runner.initialize_kv_cache(kv_cache_config)
+
+    def compile_or_warm_up_model(self) -> CompilationTimes:
+        start = time.perf_counter()
+        self.model_runner.profile_forward(min(16, self.scheduler_config.max_num_batched_tokens))
+        logger.info("vllm-metal: warm-up took %.2fs", time.perf_counter() - start)
+        return CompilationTimes(language_model=0.0, encoder=0.0)
+
+    def get_cache_block_size_bytes(self) -> int:
+        return self.model_runner.kv_bytes_per_block()
+
+    def get_supported_tasks(self) -> tuple[str, ...]:
+        return ("generate",)
+
+    def execute_model(self, scheduler_output):
+        return self.model_runner.execute_model(scheduler_output)
+
+    def sample_tokens(self, grammar_output):
+        return self.model_runner.sample_tokens(grammar_output)
+
+    def execute_dummy_batch(self) -> None:
+        self.model_runner.profile_forward(1)
+
+    def synchronize_device(self) -> None:
+        mx.synchronize()
+
+    def check_health(self) -> None:
+        if self.model_runner is None or self.model_runner.loaded is None:
+            raise RuntimeError("vllm-metal worker has no model loaded")
+
+    def update_max_model_len(self, max_model_len: int) -> None:
+        self.model_config.max_model_len = max_model_len
+        if self.model_runner is not None:
+            self.model_runner.max_model_len = max_model_len
+
+    def add_lora(self, lora_request) -> bool:
+        raise ValueError("LoRA is not supported by vllm-metal.")
+
+    def remove_lora(self, lora_id: int) -> bool:
+        return False
+
+    def pin_lora(self, lora_id: int) -> bool:
+        return False
+
+    def list_loras(self) -> set[int]:
+        return set()
+
+    def shutdown(self) -> None:
+        if self.model_runner is not None:
+            self.model_runner.kv = None
+            self.model_runner.loaded = None
+        gc.collect()
+        mx.clear_cache()
