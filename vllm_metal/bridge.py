@@ -40,12 +40,21 @@ def mlx_dtype_to_torch(dtype: mx.Dtype) -> torch.dtype:
         raise TypeError(f"no torch dtype for MLX {dtype}") from None
 
 
+def _host(a: mx.array) -> np.ndarray:
+    """NumPy view of an MLX array's buffer; a copy only where torch cannot view it."""
+    n = np.array(a, copy=False)
+    if any(s < 0 for s in n.strides):  # reversed slices: torch has no negative strides
+        n = np.ascontiguousarray(n)
+    return n
+
+
 def mlx_to_torch(a: mx.array) -> torch.Tensor:
-    """View an MLX array as a CPU torch tensor (evaluates it; no copy for contiguous arrays)."""
+    """View an MLX array as a CPU torch tensor (evaluates it; no copy unless a stride is
+    negative, e.g. ``a[::-1]``, which torch cannot represent)."""
     if a.dtype == mx.bfloat16:
-        return torch.from_numpy(np.array(a.view(mx.uint16), copy=False)).view(torch.bfloat16)
+        return torch.from_numpy(_host(a.view(mx.uint16))).view(torch.bfloat16)
     torch_dtype = mlx_dtype_to_torch(a.dtype)  # raises for unsupported dtypes
-    t = torch.from_numpy(np.array(a, copy=False))
+    t = torch.from_numpy(_host(a))
     return t if t.dtype == torch_dtype else t.to(torch_dtype)
 
 

@@ -29,9 +29,31 @@ def _accelerator_empty_cache_noop() -> None:
     """
     if torch.accelerator.is_available():
         return
-    for name in ("empty_cache", "synchronize", "reset_peak_memory_stats"):
+    for name in ("empty_cache", "empty_host_cache", "synchronize", "reset_peak_memory_stats"):
         if hasattr(torch.accelerator, name):
             setattr(torch.accelerator, name, lambda *args, **kwargs: None)
+
+
+def mlx_lm_config_overrides(config: dict) -> dict:
+    """Config keys mlx-lm needs that a transformers-5 checkpoint only stores elsewhere.
+
+    transformers 5 writes RoPE settings only as ``rope_parameters`` (``rope_theta``,
+    ``rope_type`` and scaling factors); mlx-lm 0.32.2 reads the older top-level ``rope_theta`` /
+    ``rope_scaling`` and silently falls back to its defaults (e.g. theta 10000), which changes
+    every logit. We copy them up when the top-level keys are absent.
+
+    Delete when: mlx-lm reads ``rope_parameters`` itself.
+    """
+    params = config.get("rope_parameters")
+    if not isinstance(params, dict):
+        return {}
+    overrides: dict = {}
+    if "rope_theta" not in config and "rope_theta" in params:
+        overrides["rope_theta"] = params["rope_theta"]
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if "rope_scaling" not in config and rope_type not in (None, "default"):
+        overrides["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}
+    return overrides
 
 
 VLLM_ALIAS_VERSION = "0.32.0"

@@ -82,8 +82,10 @@ class EnvVar:
 
 ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("VLLM_METAL_MEMORY_FRACTION", "auto", _fraction(allow_auto=True),
-           "`auto`, or a fraction in (0, 1] of the device memory the KV cache may fill "
-           "(numeric values need the paged path). `auto` on the paged path means 0.9."),
+           "`auto`, or a fraction in (0, 1] of device memory for weights, activations and the "
+           "KV cache together; the KV cache gets what the profiled forward leaves (numeric values "
+           "need the paged path). `auto` uses `--gpu-memory-utilization` (vLLM's default 0.92) "
+           "and, on MLX's CPU backend, caps the KV cache at 4 GiB."),
     EnvVar("VLLM_METAL_USE_MLX", "1", _bool,
            "Use MLX for compute. `0` is refused: MLX is the plugin's only compute path "
            "(use vLLM's own CPU backend with `VLLM_PLUGINS=` instead)."),
@@ -93,8 +95,8 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("VLLM_METAL_BLOCK_SIZE", "16", _block_size,
            "Tokens per KV cache block (8, 16, 32, 64 or 128). `--block-size` wins when given."),
     EnvVar("VLLM_METAL_USE_PAGED_ATTENTION", "1", _bool,
-           "Paged KV cache owned by vLLM's block manager (default). `0` is reserved for the "
-           "MLX-managed cache path."),
+           "Paged KV cache owned by vLLM's block manager (default). `0` (an MLX-managed cache) "
+           "is reserved and refused in this release."),
     EnvVar("VLLM_METAL_DEBUG", "0", _bool,
            "Debug logs: per-step batch shape, timings and KV memory."),
     EnvVar("VLLM_USE_MODELSCOPE", "False", _bool,
@@ -102,7 +104,8 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("VLLM_METAL_MODELSCOPE_CACHE", "", _path,
            "Absolute path of a local ModelScope model directory or cache root."),
     EnvVar("VLLM_METAL_PREFIX_CACHE", "", _bool,
-           "Set to 1 to turn on prefix caching (same as `--enable-prefix-caching`)."),
+           "`1` turns prefix caching on, `0` off; when set it overrides vLLM's "
+           "`--enable-prefix-caching` / `--no-enable-prefix-caching`. Unset: vLLM decides."),
     EnvVar("VLLM_METAL_PREFIX_CACHE_FRACTION", "0.05", _fraction(allow_auto=False),
            "Fraction in (0, 1] of the KV cache that cached prefixes may keep."),
 )
@@ -171,3 +174,17 @@ def register_with_vllm() -> None:
             vllm_envs.environment_variables[var.name] = (
                 lambda v=var: v.parse(v.name, os.environ.get(v.name, v.default))
             )
+
+
+def configuration_markdown() -> str:
+    """The Markdown table of ``ENV_VARS`` (name, default, description) for docs/configuration.md."""
+    lines = ["| Variable | Default | Description |", "| --- | --- | --- |"]
+    for var in ENV_VARS:
+        default = f"`{var.default}`" if var.default else "(unset)"
+        doc = var.doc.replace("|", "\\|")
+        lines.append(f"| `{var.name}` | {default} | {doc} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(configuration_markdown(), end="")

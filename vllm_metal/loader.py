@@ -16,6 +16,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 from vllm.logger import init_logger
 
+from vllm_metal import compat
 from vllm_metal.attention import LayerSpec, UnsupportedModelError, layer_specs, patch_model_attention
 from vllm_metal.bridge import torch_dtype_to_mlx
 
@@ -87,11 +88,14 @@ def resolve_model_dir(model: str) -> Path:
 
 def load(model_dir: Path, dtype, trust_remote_code: bool = False) -> LoadedModel:
     """Load, cast to ``dtype`` (a torch dtype), patch attention; log progress while loading."""
-    from mlx_lm.utils import load_model
+    from mlx_lm.utils import load_config, load_model
 
     start = time.perf_counter()
+    overrides = compat.mlx_lm_config_overrides(load_config(model_dir))
     try:
-        model, config = load_model(model_dir, lazy=True, trust_remote_code=trust_remote_code)
+        model, config = load_model(
+            model_dir, lazy=True, model_config=overrides, trust_remote_code=trust_remote_code
+        )
     except ValueError as exc:
         if "not supported" in str(exc):
             raise UnsupportedModelError(f"{exc} {supported_architectures_hint()}") from exc

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -50,11 +51,16 @@ MODEL_SLUG = "smollm2-135m-instruct"
 CACHE_ENV = "VLLM_METAL_MODEL_CACHE"
 MARKER_NAME = ".vllm-metal-complete.json"
 # Bump when the conversion recipe changes, so existing caches are rebuilt.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 MLX_PLAIN_DTYPE = "float32"
 MLX_Q_GROUP_SIZE = 64
 MLX_Q_BITS = 4
+# Guards against a misconverted checkpoint, measured on a 37-token chat probe:
+# fp32 MLX matches transformers to ~1e-4; 4-bit agrees on ~55% of top-1
+# tokens (a misread rope_theta moves fp32 by ~10, garbage weights give ~0%).
+MLX_FP32_MAX_LOGIT_DIFF = 1e-2
+MLX_4BIT_MIN_TOP1 = 0.4
 
 _HF_TOOLS = ("transformers", "torch", "gguf", "tokenizers", "safetensors")
 _MLX_TOOLS = ("mlx", "mlx-lm", "transformers", "tokenizers")
@@ -86,9 +92,7 @@ def gguf_path() -> Path:
     try:
         spec = importlib.util.find_spec(GGUF_PACKAGE)
     except (ImportError, ValueError) as exc:
-        raise DefaultModelError(
-            f"Cannot locate {GGUF_PACKAGE!r}: {exc}. {remedy}"
-        ) from exc
+        raise DefaultModelError(f"Cannot locate {GGUF_PACKAGE!r}: {exc}. {remedy}") from exc
     if spec is None or not spec.submodule_search_locations:
         raise DefaultModelError(
             f"The package {GGUF_DISTRIBUTION!r}, which ships the default model "
@@ -121,9 +125,7 @@ def ensure_default_models(cache_dir: Path | str | None = None) -> DefaultModels:
     otherwise the conversion runs under an exclusive file lock, so concurrent
     callers wait for one builder and then reuse its result.
     """
-    root = (
-        Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    )
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     gguf = gguf_path()
     models = DefaultModels(
         hf=root / f"{MODEL_SLUG}-hf",
@@ -246,9 +248,7 @@ def _remove_stale_temp_dirs(root: Path) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _publish(
-    dest: Path, key: dict[str, Any], build: Callable[[Path], dict[str, Any]]
-) -> None:
+def _publish(dest: Path, key: dict[str, Any], build: Callable[[Path], dict[str, Any]]) -> None:
     """Build into a temp dir, write the marker last, then rename it to ``dest``.
 
     ``build(out)`` must create the directory ``out`` and return a dict of facts
@@ -266,9 +266,7 @@ def _publish(
             "seconds": round(time.monotonic() - start, 1),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        _write_synced(
-            out / MARKER_NAME, json.dumps(marker, indent=2, sort_keys=True) + "\n"
-        )
+        _write_synced(out / MARKER_NAME, json.dumps(marker, indent=2, sort_keys=True) + "\n")
         if dest.exists():
             # Stale: move it aside first (rename cannot replace a non-empty dir).
             dest.rename(staging / "old")
@@ -321,6 +319,7 @@ def _gguf_facts(gguf: Path) -> dict[str, Any]:
         "add_bos_token": field("tokenizer.ggml.add_bos_token"),
         "chat_template": field("tokenizer.chat_template"),
         "context_length": field("llama.context_length"),
+        "rope_freq_base": field("llama.rope.freq_base"),
     }
 
 
@@ -332,8 +331,7 @@ def _convert_gguf_to_hf(gguf: Path, out: Path) -> dict[str, Any]:
 
     if not is_accelerate_available():
         raise DefaultModelError(
-            "transformers needs `accelerate` to load GGUF files. "
-            "Install it with: pip install accelerate"
+            "transformers needs `accelerate` to load GGUF files. Install it with: pip install accelerate"
         )
 
     meta = _gguf_facts(gguf)
@@ -358,9 +356,7 @@ def _convert_gguf_to_hf(gguf: Path, out: Path) -> dict[str, Any]:
         quantizer.remove_quantization_config(model)
     for mod_name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and type(module) is not torch.nn.Linear:
-            raise DefaultModelError(
-                f"{mod_name} is still a packed {type(module).__name__}"
-            )
+            raise DefaultModelError(f"{mod_name} is still a packed {type(module).__name__}")
     bad = {n: p.dtype for n, p in model.named_parameters() if p.dtype != torch.float32}
     if bad:
         raise DefaultModelError(f"Expected fp32 weights, got {bad}")
@@ -382,9 +378,7 @@ def _convert_gguf_to_hf(gguf: Path, out: Path) -> dict[str, Any]:
     # Special tokens: the GGUF metadata is the source of truth (for SmolLM2
     # Instruct eos = <|im_end|>, which ends every chat turn).
     eos, bos, pad = meta["eos_token_id"], meta["bos_token_id"], meta["padding_token_id"]
-    if tokenizer.eos_token_id != eos or (
-        bos is not None and tokenizer.bos_token_id != bos
-    ):
+    if tokenizer.eos_token_id != eos or (bos is not None and tokenizer.bos_token_id != bos):
         raise DefaultModelError(
             f"Tokenizer eos/bos {tokenizer.eos_token_id}/{tokenizer.bos_token_id} "
             f"disagree with GGUF metadata {eos}/{bos}"
@@ -393,21 +387,14 @@ def _convert_gguf_to_hf(gguf: Path, out: Path) -> dict[str, Any]:
     if not template or template != meta["chat_template"]:
         raise DefaultModelError("The GGUF chat template did not reach the tokenizer")
     if tokenizer.eos_token not in template:
-        raise DefaultModelError(
-            f"The chat template never emits eos {tokenizer.eos_token!r}"
-        )
+        raise DefaultModelError(f"The chat template never emits eos {tokenizer.eos_token!r}")
     model.config.eos_token_id = eos
     model.config.bos_token_id = bos
     model.config.pad_token_id = pad
     gen = GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
     model.generation_config = gen
 
-    probe = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"}],
-        add_generation_prompt=True,
-        tokenize=False,
-    )
-    probe_ids = torch.tensor([tokenizer(probe).input_ids])
+    probe_ids = torch.tensor([_probe_ids(tokenizer)])
     with torch.no_grad():
         ref_logits = model(probe_ids).logits
 
@@ -425,28 +412,30 @@ def _convert_gguf_to_hf(gguf: Path, out: Path) -> dict[str, Any]:
         tok_cfg.pop(loader_only, None)
     tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n")
 
+    # transformers 5 writes rope_theta only inside rope_parameters; readers of
+    # the raw config.json (mlx-lm 0.32, transformers 4) look for the top-level
+    # key and silently fall back to 10000, while SmolLM2 uses 100000.
+    config_path = out / "config.json"
+    saved = json.loads(config_path.read_text())
+    rope_parameters = saved.get("rope_parameters") or {}
+    if "rope_theta" not in saved and "rope_theta" in rope_parameters:
+        saved["rope_theta"] = rope_parameters["rope_theta"]
+        config_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+    if meta["rope_freq_base"] and saved.get("rope_theta") != meta["rope_freq_base"]:
+        raise DefaultModelError(f"rope_theta {saved.get('rope_theta')} != GGUF {meta['rope_freq_base']}")
+
     # Re-read what was written: config sanity and a logits round trip.
-    saved = json.loads((out / "config.json").read_text())
     if saved.get("architectures") != ["LlamaForCausalLM"]:
-        raise DefaultModelError(
-            f"Unexpected architectures {saved.get('architectures')}"
-        )
+        raise DefaultModelError(f"Unexpected architectures {saved.get('architectures')}")
     if "quantization_config" in saved:
         raise DefaultModelError("config.json still carries a quantization_config")
-    if (
-        saved.get("tie_word_embeddings") != expect_tied
-        or saved.get("eos_token_id") != eos
-    ):
-        raise DefaultModelError(
-            "config.json tie_word_embeddings/eos_token_id are wrong"
-        )
+    if saved.get("tie_word_embeddings") != expect_tied or saved.get("eos_token_id") != eos:
+        raise DefaultModelError("config.json tie_word_embeddings/eos_token_id are wrong")
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     with torch.no_grad():
         diff = (reloaded(probe_ids).logits - ref_logits).abs().max().item()
     if diff > 1e-4:
-        raise DefaultModelError(
-            f"Saved checkpoint changes the logits (max diff {diff})"
-        )
+        raise DefaultModelError(f"Saved checkpoint changes the logits (max diff {diff})")
     _check_tokenizer(out, tokenizer.chat_template, eos)
 
     return {
@@ -457,6 +446,7 @@ def _convert_gguf_to_hf(gguf: Path, out: Path) -> dict[str, Any]:
         "eos_token": tokenizer.eos_token,
         "pad_token_id": pad,
         "add_bos_token": meta["add_bos_token"],
+        "rope_theta": saved["rope_theta"],
         "reload_max_logit_diff": diff,
         "weight_dtypes": _safetensors_dtypes(out),
     }
@@ -495,17 +485,65 @@ def _convert_hf_to_mlx(hf_dir: Path, out: Path, quantize: bool) -> dict[str, Any
     cfg = json.loads((out / "config.json").read_text())
     if cfg.get("eos_token_id") != hf_cfg["eos_token_id"]:
         raise DefaultModelError("mlx config.json lost eos_token_id")
+    if cfg.get("rope_theta") != hf_cfg.get("rope_theta"):
+        raise DefaultModelError("mlx config.json lost rope_theta")
     hf_tokenizer = json.loads((hf_dir / "tokenizer_config.json").read_text())
     _check_tokenizer(out, hf_tokenizer["chat_template"], hf_cfg["eos_token_id"])
+    max_diff, top1 = _compare_with_hf(hf_dir, out)
+    failed = top1 < MLX_4BIT_MIN_TOP1 if quantize else max_diff > MLX_FP32_MAX_LOGIT_DIFF
+    if failed:
+        raise DefaultModelError(
+            f"{out.name}: MLX logits disagree with transformers "
+            f"(max diff {max_diff:.3g}, top-1 agreement {top1:.0%})"
+        )
     return {
         "quantization": cfg.get("quantization"),
         "weight_dtypes": _safetensors_dtypes(out),
+        "hf_max_logit_diff": max_diff,
+        "hf_top1_agreement": top1,
     }
 
 
 # --------------------------------------------------------------------------
 # Checks
 # --------------------------------------------------------------------------
+
+
+def _probe_ids(tokenizer: Any) -> list[int]:
+    """A short chat prompt, rendered through the chat template, as token ids."""
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    return list(tokenizer(text).input_ids)
+
+
+@functools.lru_cache(maxsize=1)
+def _hf_reference(hf_dir: Path) -> tuple[tuple[int, ...], Any]:
+    """Probe ids and transformers fp32 logits; cached, both MLX builds use them."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ids = _probe_ids(AutoTokenizer.from_pretrained(hf_dir))
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = hf(torch.tensor([ids])).logits[0].numpy()
+    return tuple(ids), logits
+
+
+def _compare_with_hf(hf_dir: Path, mlx_dir: Path) -> tuple[float, float]:
+    """Max abs logit difference and top-1 agreement, MLX vs transformers fp32."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx_lm import load
+
+    ids, ref = _hf_reference(hf_dir)
+    model, _ = load(str(mlx_dir))
+    got = np.array(model(mx.array([list(ids)]))[0].astype(mx.float32))
+    max_diff = float(np.abs(ref - got).max())
+    top1 = float((ref.argmax(-1) == got.argmax(-1)).mean())
+    return max_diff, top1
 
 
 def _check_tokenizer(model_dir: Path, chat_template: str, eos_token_id: int) -> None:
@@ -516,9 +554,7 @@ def _check_tokenizer(model_dir: Path, chat_template: str, eos_token_id: int) -> 
     if tok.chat_template != chat_template:
         raise DefaultModelError(f"{model_dir}: chat template lost on save")
     if tok.eos_token_id != eos_token_id:
-        raise DefaultModelError(
-            f"{model_dir}: eos {tok.eos_token_id} != {eos_token_id}"
-        )
+        raise DefaultModelError(f"{model_dir}: eos {tok.eos_token_id} != {eos_token_id}")
 
 
 def _safetensors_dtypes(model_dir: Path) -> dict[str, int]:

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Run the whole test suite (installs the stack on first use). Extra args go to pytest.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+venv=$("$root/scripts/bootstrap.sh")
+export PATH="$venv/bin:$PATH" HF_HUB_OFFLINE=1
+cd "$root"
+ruff check vllm_metal tests
+python -m vllm_metal.models.default_model >/dev/null   # build/reuse the bundled model once
+python -m pytest "$@"

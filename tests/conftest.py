@@ -1,0 +1,123 @@
+"""Shared fixtures: the bundled real model, live `vllm serve` processes, reference generators.
+
+Servers are expensive on a 2-core CPU machine (about 35 s to start), so each configuration is
+started once per session and shared by every test that needs it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from vllm_metal.models.default_model import DefaultModels, ensure_default_models
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+LOG_DIR = Path(os.environ.get("VLLM_METAL_TEST_LOGS", "/tmp/vllm-metal-test-logs"))
+
+
+@pytest.fixture(scope="session")
+def models() -> DefaultModels:
+    return ensure_default_models()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class VllmServer:
+    """A live ``vllm serve`` subprocess on loopback; ``url`` is its OpenAI base URL."""
+
+    def __init__(self, model: Path, args: list[str], env: dict[str, str] | None = None,
+                 name: str = "server", startup_timeout: float = 300.0):
+        self.model = str(model)
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.url = f"{self.base}/v1"
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
+        self.log_path = LOG_DIR / f"{name}-{self.port}.log"
+        cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", self.model,
+               "--host", "127.0.0.1", "--port", str(self.port), *args]
+        full_env = {**os.environ, "VLLM_MLX_DEVICE": "cpu", **(env or {})}
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
+                                     start_new_session=True)
+        self._wait(startup_timeout)
+
+    def _wait(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited ({self.proc.returncode}):\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.base}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        self.stop()
+        raise RuntimeError(f"vllm serve did not become healthy in {timeout}s:\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 60) -> str:
+        self._log.flush()
+        return "".join(self.log_path.read_text(errors="replace").splitlines(True)[-n:])
+
+    def post(self, path: str, body: dict, timeout: float = 300) -> httpx.Response:
+        return httpx.post(f"{self.url}{path}", json=body, timeout=timeout)
+
+    def metrics(self) -> dict[str, float]:
+        """Prometheus samples as ``name{labels}`` -> value (label part dropped)."""
+        out: dict[str, float] = {}
+        for line in httpx.get(f"{self.base}/metrics", timeout=10).text.splitlines():
+            if line.startswith("#") or not line.strip():
+                continue
+            name, _, value = line.rpartition(" ")
+            key = name.split("{")[0]
+            try:
+                out[key] = out.get(key, 0.0) + float(value)
+            except ValueError:
+                continue
+        return out
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+
+# The main fp32 server: default uni executor, prefix caching on (vLLM's default).
+MAIN_ARGS = ["--dtype", "float32", "--max-model-len", "1024", "--max-num-seqs", "16",
+             "--kv-cache-memory-bytes", str(256 * 2**20), "--seed", "0"]
+
+
+@pytest.fixture(scope="session")
+def server(models: DefaultModels) -> Iterator[VllmServer]:
+    srv = VllmServer(models.hf, MAIN_ARGS, name="main")
+    yield srv
+    srv.stop()
+
+
+def completion_tokens(srv: VllmServer, prompt_ids: list[int], max_tokens: int, **extra) -> list[int]:
+    """Greedy (unless overridden) completion of token ids; returns the generated token ids."""
+    body = {"model": srv.model, "prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "return_token_ids": True, **extra}
+    r = srv.post("/completions", body)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["token_ids"]

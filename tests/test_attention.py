@@ -1,0 +1,281 @@
+"""Paged varlen attention (``vllm_metal.attention``) against two independent references.
+
+A step is a ragged mix of decode rows (one query, up to ~100 tokens of context) and prefill
+chunks (2..40 queries on top of a prefix already in the cache). K/V pools hold random garbage
+everywhere (so a wrong gather or a missing mask shows up), block tables are random
+permutations of block ids (block 0 is never handed out, like vLLM's null block), and the
+step's own K/V is written by the metadata's slot mapping, as the model's cache does.
+
+Reference 1 is a float64 NumPy loop per query token; reference 2 is MLX's fused SDPA on each
+sequence's dense, gathered K/V with a causal-offset mask. Neither uses the block tables the
+way the op does: they compute slots from positions and take the step's K/V straight from the
+new-token arrays, so a wrong slot mapping also fails.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from vllm_metal.attention import (
+    LayerSpec,
+    PagedKVStore,
+    PagedLayerCache,
+    build_step_metadata,
+    paged_attention,
+)
+
+HEADS = 4
+HEAD_DIM = 64
+FP32_BOUND = 1e-4  # max abs error, float32 inputs, vs float64 NumPy and vs dense MLX SDPA
+BF16_BOUND = 3e-2  # max abs error, bfloat16 inputs/output, vs float64 NumPy on the same values
+
+HAS_SINKS = "sinks" in (mx.fast.scaled_dot_product_attention.__doc__ or "")
+
+
+@dataclass
+class Case:
+    seqs: list[tuple[int, int]]  # (query length, first query position) in packed order
+    tables: list[np.ndarray]  # block ids of each sequence
+    block_size: int
+    k_before: np.ndarray  # pool contents before this step's write (float64 copy)
+    v_before: np.ndarray
+    k_new: mx.array  # (T, KVH, D) this step's K/V
+    v_new: mx.array
+    k_pool: mx.array  # pools after the write
+    v_pool: mx.array
+    queries: mx.array  # (T, H, D)
+    meta: object
+    scale: float
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return self.queries.dtype
+
+
+def _f64(a: mx.array) -> np.ndarray:
+    return np.array(a.astype(mx.float32), dtype=np.float64)
+
+
+def make_case(seed: int, block_size: int, kv_heads: int, dtype=mx.float32,
+              n_decode: int = 5, n_prefill: int = 3, spare_block: bool = True) -> Case:
+    rng = np.random.default_rng(seed)
+    seqs = [(1, int(rng.integers(0, 100))) for _ in range(n_decode)]
+    seqs += [(int(rng.integers(2, 41)), int(rng.integers(1, 61))) for _ in range(n_prefill)]
+    order = rng.permutation(len(seqs))  # decode rows and prefill chunks interleaved
+    seqs = [seqs[i] for i in order]
+
+    # Blocks each sequence needs; some get one spare trailing block (vLLM may allocate ahead).
+    need = [-(-(p0 + n) // block_size) + int(spare_block and rng.random() < 0.5) for n, p0 in seqs]
+    num_blocks = 1 + sum(need) + 3  # block 0 = null block, never in a table; 3 never used
+    ids = rng.permutation(np.arange(1, num_blocks))
+    tables, at = [], 0
+    for k in need:
+        tables.append(ids[at : at + k].astype(np.int32))
+        at += k
+
+    slots = num_blocks * block_size
+    k_pool = mx.array(rng.standard_normal((slots, kv_heads, HEAD_DIM)).astype(np.float32)).astype(dtype)
+    v_pool = mx.array(rng.standard_normal((slots, kv_heads, HEAD_DIM)).astype(np.float32)).astype(dtype)
+    k_before, v_before = _f64(k_pool), _f64(v_pool)
+
+    total = sum(n for n, _ in seqs)
+    k_new = mx.array(rng.standard_normal((total, kv_heads, HEAD_DIM)).astype(np.float32)).astype(dtype)
+    v_new = mx.array(rng.standard_normal((total, kv_heads, HEAD_DIM)).astype(np.float32)).astype(dtype)
+    queries = mx.array(rng.standard_normal((total, HEADS, HEAD_DIM)).astype(np.float32)).astype(dtype)
+
+    meta = build_step_metadata([n for n, _ in seqs], [p for _, p in seqs], tables, block_size)
+    k_pool[meta.slot_mapping] = k_new
+    v_pool[meta.slot_mapping] = v_new
+    mx.eval(k_pool, v_pool)
+    return Case(seqs, tables, block_size, k_before, v_before, k_new, v_new, k_pool, v_pool,
+                queries, meta, HEAD_DIM**-0.5)
+
+
+def _dense_kv(case: Case, i: int, t0: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sequence ``i``'s K/V (ctx, KVH, D) in float64: prefix from the old pool, step from k_new."""
+    n, p0 = case.seqs[i]
+    pos = np.arange(p0 + n)
+    slots = case.tables[i][pos // case.block_size] * case.block_size + pos % case.block_size
+    k, v = case.k_before[slots].copy(), case.v_before[slots].copy()
+    k[p0:] = _f64(case.k_new)[t0 : t0 + n]
+    v[p0:] = _f64(case.v_new)[t0 : t0 + n]
+    return k, v
+
+
+def reference_numpy(case: Case, window: int | None, sinks: np.ndarray | None = None) -> np.ndarray:
+    """float64 attention, one query token at a time, causal by absolute position."""
+    q = _f64(case.queries)
+    out = np.zeros_like(q)
+    t0 = 0
+    for i, (n, p0) in enumerate(case.seqs):
+        k, v = _dense_kv(case, i, t0)
+        rep = HEADS // k.shape[1]
+        k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)  # (ctx, H, D)
+        pos = np.arange(p0 + n)
+        for j in range(n):
+            p = p0 + j
+            visible = pos <= p
+            if window is not None:
+                visible &= pos > p - window
+            s = case.scale * np.einsum("hd,chd->hc", q[t0 + j], k)
+            s = np.where(visible[None, :], s, -np.inf)
+            if sinks is not None:
+                s = np.concatenate([s, sinks[:, None]], axis=1)  # sink: a logit with no value
+            w = np.exp(s - s.max(axis=1, keepdims=True))
+            w /= w.sum(axis=1, keepdims=True)
+            out[t0 + j] = np.einsum("hc,chd->hd", w[:, : len(pos)], v)
+        t0 += n
+    return out
+
+
+def reference_mlx_dense(case: Case, window: int | None, sinks: mx.array | None = None) -> np.ndarray:
+    """MLX fused SDPA on each sequence's dense K/V, causal offset mask (lower-right aligned)."""
+    outs = []
+    t0 = 0
+    for i, (n, p0) in enumerate(case.seqs):
+        k, v = _dense_kv(case, i, t0)
+        k = mx.array(k.astype(np.float32)).astype(case.dtype).transpose(1, 0, 2)[None]
+        v = mx.array(v.astype(np.float32)).astype(case.dtype).transpose(1, 0, 2)[None]
+        q = case.queries[t0 : t0 + n].transpose(1, 0, 2)[None]  # (1, H, n, D)
+        if window is None:
+            mask = "causal"
+        else:
+            qp = np.arange(p0, p0 + n)[:, None]
+            kp = np.arange(p0 + n)[None, :]
+            mask = mx.array((kp <= qp) & (kp > qp - window))
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=case.scale, mask=mask, sinks=sinks)
+        outs.append(o[0].transpose(1, 0, 2))
+        t0 += n
+    return _f64(mx.concatenate(outs, axis=0))
+
+
+def run_paged(case: Case, window: int | None, sinks: mx.array | None = None) -> np.ndarray:
+    out = paged_attention(case.queries, case.k_pool, case.v_pool, case.meta, case.block_size,
+                          case.scale, window=window, sinks=sinks)
+    assert out.shape == case.queries.shape
+    assert out.dtype == case.dtype
+    return _f64(out)
+
+
+def max_err(a: np.ndarray, b: np.ndarray) -> float:
+    assert a.shape == b.shape
+    return float(np.abs(a - b).max())
+
+
+@pytest.mark.parametrize("window", [None, 7], ids=["full", "window7"])
+@pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["mha", "gqa2", "mqa4"])
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+def test_paged_attention_fp32(block_size, kv_heads, window):
+    case = make_case(seed=block_size * 10 + kv_heads, block_size=block_size, kv_heads=kv_heads)
+    got = run_paged(case, window)
+    err_np = max_err(got, reference_numpy(case, window))
+    err_mx = max_err(got, reference_mlx_dense(case, window))
+    assert err_np < FP32_BOUND, f"max abs error vs NumPy float64: {err_np:.3g}"
+    assert err_mx < FP32_BOUND, f"max abs error vs dense MLX SDPA: {err_mx:.3g}"
+
+
+@pytest.mark.parametrize("window", [None, 7], ids=["full", "window7"])
+def test_paged_attention_bf16(window):
+    case = make_case(seed=7, block_size=16, kv_heads=2, dtype=mx.bfloat16)
+    got = run_paged(case, window)
+    err_np = max_err(got, reference_numpy(case, window))
+    err_mx = max_err(got, reference_mlx_dense(case, window))
+    assert err_np < BF16_BOUND, f"max abs error vs NumPy float64: {err_np:.3g}"
+    assert err_mx < BF16_BOUND, f"max abs error vs dense MLX SDPA: {err_mx:.3g}"
+
+
+@pytest.mark.skipif(not HAS_SINKS, reason="this MLX's fast SDPA has no `sinks` argument")
+@pytest.mark.parametrize("window", [None, 7], ids=["full", "window7"])
+@pytest.mark.parametrize("kv_heads", [4, 1], ids=["mha", "mqa4"])
+def test_paged_attention_sinks(kv_heads, window):
+    case = make_case(seed=100 + kv_heads, block_size=16, kv_heads=kv_heads)
+    # Large sinks matter most with a window: they soak up most of the probability mass.
+    sinks_np = np.array([-1.0, 0.5, 2.0, 4.0], dtype=np.float32)
+    sinks = mx.array(sinks_np)
+    got = run_paged(case, window, sinks)
+    err_np = max_err(got, reference_numpy(case, window, sinks_np.astype(np.float64)))
+    err_mx = max_err(got, reference_mlx_dense(case, window, sinks))
+    assert err_np < FP32_BOUND, f"max abs error vs NumPy float64: {err_np:.3g}"
+    assert err_mx < FP32_BOUND, f"max abs error vs dense MLX SDPA: {err_mx:.3g}"
+    # The sinks did change the result (the test would be vacuous otherwise).
+    assert max_err(got, reference_numpy(case, window)) > 1e-2
+
+
+@pytest.mark.parametrize("kind", ["decode_only", "prefill_only"])
+def test_paged_attention_single_group(kind):
+    """Steps with only one group (all decode, or all prefill) take the no-concatenate path."""
+    n_decode, n_prefill = (6, 0) if kind == "decode_only" else (0, 3)
+    case = make_case(seed=3, block_size=8, kv_heads=2, n_decode=n_decode, n_prefill=n_prefill)
+    assert len(case.meta.groups) == 1
+    got = run_paged(case, None)
+    assert max_err(got, reference_numpy(case, None)) < FP32_BOUND
+
+
+def test_step_metadata_layout():
+    """Positions and slots follow the block tables; every packed token comes back exactly once."""
+    case = make_case(seed=11, block_size=16, kv_heads=1)
+    positions = np.array(case.meta.positions)
+    slots = np.array(case.meta.slot_mapping)
+    t0 = 0
+    for (n, p0), table in zip(case.seqs, case.tables, strict=True):
+        pos = np.arange(p0, p0 + n)
+        np.testing.assert_array_equal(positions[t0 : t0 + n], pos)
+        np.testing.assert_array_equal(slots[t0 : t0 + n], table[pos // 16] * 16 + pos % 16)
+        t0 += n
+    assert len(set(slots.tolist())) == len(slots)  # no two tokens share a slot
+    assert (slots >= 16).all()  # nothing written into the null block
+    assert sorted(np.array(case.meta.out_order).tolist()) == list(range(len(slots)))
+
+
+def test_layer_cache_writes_and_attends():
+    """PagedLayerCache: update_and_fetch writes by slot mapping, attend matches the reference."""
+    case = make_case(seed=21, block_size=8, kv_heads=2)
+    t = case.queries.shape[0]
+    num_blocks = case.k_pool.shape[0] // 8
+    store = PagedKVStore([LayerSpec(2, HEAD_DIM, HEAD_DIM, None)], num_blocks, 8, mx.float32)
+    store.k[0] = mx.array(case.k_before.astype(np.float32))
+    store.v[0] = mx.array(case.v_before.astype(np.float32))
+    store.step = case.meta
+    cache = PagedLayerCache(store, 0, window=None)
+    np.testing.assert_array_equal(np.array(cache.offset), np.array(case.meta.positions))
+    cache.update_and_fetch(case.k_new.reshape(t, 2, 1, HEAD_DIM), case.v_new.reshape(t, 2, 1, HEAD_DIM))
+    np.testing.assert_array_equal(np.array(store.k[0]), np.array(case.k_pool))
+    np.testing.assert_array_equal(np.array(store.v[0]), np.array(case.v_pool))
+    out = cache.attend(case.queries.reshape(t, HEADS, 1, HEAD_DIM), case.scale, None)
+    assert out.shape == (t, HEADS, 1, HEAD_DIM)
+    assert store.calls == 1
+    err = max_err(_f64(out.reshape(t, HEADS, HEAD_DIM)), reference_numpy(case, None))
+    assert err < FP32_BOUND
+
+
+def test_copy_blocks_every_layer():
+    bs, num_blocks = 4, 8
+    specs = [LayerSpec(2, 8, 8, None), LayerSpec(1, 16, 4, None), LayerSpec(2, 8, 8, 5)]
+    store = PagedKVStore(specs, num_blocks, bs, mx.float32)
+    rng = np.random.default_rng(0)
+    for pools in (store.k, store.v):
+        for i, pool in enumerate(pools):
+            pools[i] = mx.array(rng.standard_normal(pool.shape).astype(np.float32))
+    before = [np.array(a) for a in store.arrays()]
+
+    store.copy_blocks([])  # no-op
+    for a, b in zip(store.arrays(), before, strict=True):
+        np.testing.assert_array_equal(np.array(a), b)
+
+    pairs = [(1, 5), (2, 7), (6, 3)]
+    store.copy_blocks(pairs)
+    after = [np.array(a) for a in store.arrays()]
+    assert len(after) == 2 * len(specs)
+    dst = {d for _, d in pairs}
+    for old, new in zip(before, after, strict=True):
+        old_b = old.reshape(num_blocks, bs, *old.shape[1:])
+        new_b = new.reshape(num_blocks, bs, *new.shape[1:])
+        for s, d in pairs:
+            np.testing.assert_array_equal(new_b[d], old_b[s])  # whole block, all heads and dims
+        for b in range(num_blocks):
+            if b not in dst:
+                np.testing.assert_array_equal(new_b[b], old_b[b])  # sources and others untouched

@@ -1,0 +1,118 @@
+"""Plugin registration, the platform's config checks, and the compatibility shims."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import subprocess
+import sys
+
+import pytest
+
+import vllm_metal
+from vllm_metal import compat
+
+
+def test_register_returns_platform_and_vllm_selects_it():
+    assert vllm_metal.register() == "vllm_metal.platform.MetalPlatform"
+    code = "from vllm.platforms import current_platform as p; print(type(p).__name__, p.device_type)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-2:] == ["MetalPlatform", "cpu"]
+
+
+def test_vllm_cpu_backend_stays_reachable():
+    code = "from vllm.platforms import current_platform as p; print(type(p).__name__)"
+    env = {**os.environ, "VLLM_PLUGINS": "none", "VLLM_TARGET_DEVICE": "cpu"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.split()[-1] == "CpuPlatform"
+
+
+def test_entry_point_is_declared():
+    eps = importlib.metadata.entry_points(group="vllm.platform_plugins")
+    assert {ep.name: ep.value for ep in eps}.get("metal") == "vllm_metal:register"
+
+
+def test_vllm_cli_finds_its_version():
+    assert importlib.metadata.version("vllm") == importlib.metadata.version("vllm-cpu")
+    out = subprocess.run([sys.executable, "-m", "vllm.entrypoints.cli.main", "--version"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert importlib.metadata.version("vllm") in out.stdout
+
+
+def _engine_config(models, **kwargs):
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs(model=str(models.hf), max_model_len=256, **kwargs).create_engine_config()
+
+
+def test_config_is_rewritten_for_mlx(models):
+    cfg = _engine_config(models)
+    assert cfg.parallel_config.worker_cls == "vllm_metal.worker.MetalWorker"
+    assert cfg.cache_config.block_size == 16
+    assert cfg.compilation_config.cudagraph_capture_sizes == []
+
+
+def test_block_size_env_and_flag(models, monkeypatch):
+    monkeypatch.setenv("VLLM_METAL_BLOCK_SIZE", "32")
+    assert _engine_config(models).cache_config.block_size == 32
+    assert _engine_config(models, block_size=64).cache_config.block_size == 64
+
+
+def test_prefix_cache_env_sets_vllm_flag(models, monkeypatch):
+    monkeypatch.setenv("VLLM_METAL_PREFIX_CACHE", "0")
+    assert _engine_config(models).cache_config.enable_prefix_caching is False
+    monkeypatch.setenv("VLLM_METAL_PREFIX_CACHE", "1")
+    assert _engine_config(models, enable_prefix_caching=False).cache_config.enable_prefix_caching
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "flag"),
+    [
+        ({"tensor_parallel_size": 3}, "--tensor-parallel-size"),
+        ({"pipeline_parallel_size": 2}, "--pipeline-parallel-size"),
+        ({"kv_cache_dtype": "fp8"}, "--kv-cache-dtype"),
+        ({"enable_lora": True}, "--enable-lora"),
+    ],
+)
+def test_unsupported_configs_are_refused_naming_the_flag(models, kwargs, flag):
+    with pytest.raises(Exception, match=flag):
+        _engine_config(models, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"VLLM_METAL_USE_MLX": "0"}, "VLLM_PLUGINS"),
+        ({"VLLM_METAL_USE_PAGED_ATTENTION": "0"}, "VLLM_METAL_USE_PAGED_ATTENTION"),
+        ({"VLLM_METAL_MEMORY_FRACTION": "2"}, "VLLM_METAL_MEMORY_FRACTION"),
+        ({"VLLM_MLX_DEVICE": "tpu"}, "VLLM_MLX_DEVICE"),
+    ],
+)
+def test_invalid_env_is_refused_at_config_time(models, monkeypatch, env, needle):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(Exception, match=needle):
+        _engine_config(models)
+
+
+def test_vllm_serve_exits_with_clear_message_on_refused_config(models):
+    """The real CLI: a refused configuration fails fast with the flag named, no hang."""
+    env = {**os.environ, "VLLM_MLX_DEVICE": "cpu"}
+    out = subprocess.run(
+        [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(models.hf),
+         "--tensor-parallel-size", "3", "--port", "18999"],
+        capture_output=True, text=True, timeout=180, env=env,
+    )
+    assert out.returncode != 0
+    assert "--tensor-parallel-size must be 1" in out.stdout + out.stderr
+
+
+def test_rope_parameters_are_lifted_for_mlx_lm():
+    cfg = {"rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}}
+    assert compat.mlx_lm_config_overrides(cfg) == {"rope_theta": 100000.0}
+    scaled = {"rope_parameters": {"rope_theta": 5e5, "rope_type": "llama3", "factor": 8.0}}
+    assert compat.mlx_lm_config_overrides(scaled) == {
+        "rope_theta": 5e5, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}
+    assert compat.mlx_lm_config_overrides({"rope_theta": 1.0, "rope_parameters": {"rope_theta": 2.0}}) == {}
+    assert compat.mlx_lm_config_overrides({}) == {}
