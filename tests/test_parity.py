@@ -83,7 +83,11 @@ def test_chunked_prefill_and_preemption_keep_tokens(squeezed, prompts, sequentia
 
 
 def test_4bit_checkpoint_matches_mlx_lm(models, prompts):
+    """--dtype float32: the checkpoint keeps fp32 scales, which mlx-lm uses as they are (vLLM
+    would downcast them to bf16 by default). Also covers the uni executor without async
+    scheduling."""
     srv = VllmServer(models.mlx_4bit, ["--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "4",
+                                       "--no-async-scheduling",
                                        "--kv-cache-memory-bytes", str(64 * 2**20)], name="mlx4bit")
     try:
         for p in prompts[:2]:

@@ -73,6 +73,7 @@ def test_prefix_cache_env_sets_vllm_flag(models, monkeypatch):
         ({"pipeline_parallel_size": 2}, "--pipeline-parallel-size"),
         ({"kv_cache_dtype": "fp8"}, "--kv-cache-dtype"),
         ({"enable_lora": True}, "--enable-lora"),
+        ({"enable_prompt_embeds": True}, "--enable-prompt-embeds"),
     ],
 )
 def test_unsupported_configs_are_refused_naming_the_flag(models, kwargs, flag):

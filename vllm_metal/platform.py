@@ -116,6 +116,8 @@ class MetalPlatform(Platform):
         model_config = vllm_config.model_config
         if model_config is not None and model_config.runner_type != "generate":
             refuse.append(f"--runner {model_config.runner_type} is not supported; only generation")
+        if model_config is not None and model_config.enable_prompt_embeds:
+            refuse.append("--enable-prompt-embeds is not supported (the MLX model takes token ids)")
         if vllm_config.kv_transfer_config is not None:
             refuse.append("--kv-transfer-config is not supported")
         cache = vllm_config.cache_config

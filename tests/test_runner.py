@@ -1,0 +1,121 @@
+"""The runner's contract, without a server: SchedulerOutput in, ModelRunnerOutput out.
+
+Hand-built scheduler outputs walk one request through chunked prefill, decode, preemption and
+resume on fresh blocks, and a prefix-cache hit (a new request whose first blocks are already
+computed); every sampled token must equal mlx-lm's greedy continuation.
+"""
+
+from __future__ import annotations
+
+import pytest
+from references import mlx_greedy, prompt_ids
+from vllm.sampling_params import SamplingParams
+from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
+from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec
+
+BLOCK = 16
+
+
+@pytest.fixture(scope="module")
+def runner(models):
+    from vllm.config import set_current_vllm_config
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_metal.worker import MetalWorker
+
+    cfg = EngineArgs(model=str(models.hf), dtype="float32", max_model_len=512,
+                     max_num_seqs=4, block_size=BLOCK).create_engine_config()
+    with set_current_vllm_config(cfg):
+        worker = MetalWorker(cfg, local_rank=0, rank=0, distributed_init_method="tcp://127.0.0.1:0")
+        worker.init_device()
+        worker.load_model()
+        specs = worker.get_kv_cache_spec()
+        spec = next(iter(specs.values()))
+        kv_config = KVCacheConfig(num_blocks=64, kv_cache_tensors=[],
+                                  kv_cache_groups=[KVCacheGroupSpec(list(specs), spec)])
+        worker.initialize_from_config(kv_config)
+        yield worker
+        worker.shutdown()
+
+
+def _step(worker, new=(), cached=None, scheduled=None, finished=()):
+    so = SchedulerOutput(
+        scheduled_new_reqs=list(new),
+        scheduled_cached_reqs=cached or CachedRequestData.make_empty(),
+        num_scheduled_tokens=scheduled,
+        total_num_scheduled_tokens=sum(scheduled.values()),
+        scheduled_spec_decode_tokens={},
+        scheduled_encoder_inputs={},
+        finished_req_ids=set(finished),
+        free_encoder_mm_hashes=[],
+    )
+    out = worker.execute_model(so)
+    return worker.sample_tokens(None) if out is None else out
+
+
+def _cached(req_id, computed, new_blocks=None, resumed=False, all_tokens=None, num_output=0):
+    return CachedRequestData(
+        req_ids=[req_id], resumed_req_ids={req_id} if resumed else set(), new_token_ids=[[]],
+        all_token_ids={req_id: all_tokens} if all_tokens is not None else {},
+        new_block_ids=[(new_blocks,) if new_blocks is not None else None],
+        num_computed_tokens=[computed], num_output_tokens=[num_output],
+    )
+
+
+def _new(req_id, ids, blocks, computed=0):
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    return NewRequestData(req_id=req_id, prompt_token_ids=ids, mm_features=[], sampling_params=params,
+                          pooling_params=None, block_ids=(blocks,), num_computed_tokens=computed,
+                          lora_request=None)
+
+
+def test_chunked_prefill_decode_preempt_resume(runner, models):
+    ids = prompt_ids(models.hf)[3]  # 16 tokens
+    want = mlx_greedy(models.mlx, ids, 6)
+    n = len(ids)
+    # prefill in two chunks: the first yields no token
+    out = _step(runner, new=[_new("a", ids, [1, 2])], scheduled={"a": 10})
+    assert out.req_ids == ["a"] and out.sampled_token_ids == [[]]
+    out = _step(runner, cached=_cached("a", 10), scheduled={"a": n - 10})
+    got = out.sampled_token_ids[0]
+    # two decode steps
+    for k in range(2):
+        out = _step(runner, cached=_cached("a", n + k, num_output=k + 1), scheduled={"a": 1})
+        got += out.sampled_token_ids[0]
+    assert got == want[:3]
+    # preempted (not scheduled), then resumed on different blocks: recompute everything
+    all_tokens = ids + got
+    out = _step(runner, cached=_cached("a", 0, new_blocks=[5, 6, 7], resumed=True,
+                                       all_tokens=all_tokens, num_output=3),
+                scheduled={"a": len(all_tokens)})
+    got += out.sampled_token_ids[0]
+    for k in range(2):
+        computed = len(all_tokens) + k
+        out = _step(runner, cached=_cached("a", computed, num_output=4 + k), scheduled={"a": 1})
+        got += out.sampled_token_ids[0]
+    assert got == want
+    out = _step(runner, finished=["a"], scheduled={})
+    assert out.req_ids == []
+
+
+def test_prefix_hit_and_batched_requests(runner, models):
+    long_ids = prompt_ids(models.hf)[6][:40]
+    short_ids = prompt_ids(models.hf)[0]
+    want_long = mlx_greedy(models.mlx, long_ids, 3)
+    want_short = mlx_greedy(models.mlx, short_ids, 3)
+    # "p" computes the long prompt into blocks 10-12
+    out = _step(runner, new=[_new("p", long_ids, [10, 11, 12])], scheduled={"p": 40})
+    assert out.sampled_token_ids == [[want_long[0]]]
+    # "q": same prompt, first two blocks (32 tokens) already cached -> only 8 tokens computed;
+    # scheduled in one batch with a fresh short request and p's decode step
+    out = _step(
+        runner,
+        new=[_new("q", long_ids, [10, 11, 13], computed=32), _new("s", short_ids, [14])],
+        cached=_cached("p", 40, num_output=1),
+        scheduled={"p": 1, "q": 8, "s": len(short_ids)},
+    )
+    by_id = dict(zip(out.req_ids, out.sampled_token_ids, strict=True))
+    assert by_id["q"] == [want_long[0]]
+    assert by_id["s"] == [want_short[0]]
+    assert by_id["p"] == [want_long[1]]
+    _step(runner, finished=["p", "q", "s"], scheduled={})
