@@ -236,7 +236,7 @@ def test_layer_cache_writes_and_attends():
     case = make_case(seed=21, block_size=8, kv_heads=2)
     t = case.queries.shape[0]
     num_blocks = case.k_pool.shape[0] // 8
-    store = PagedKVStore([LayerSpec(2, HEAD_DIM, HEAD_DIM, None)], num_blocks, 8, mx.float32)
+    store = PagedKVStore([LayerSpec(4, 2, HEAD_DIM, HEAD_DIM, None)], num_blocks, 8, mx.float32)
     store.k[0] = mx.array(case.k_before.astype(np.float32))
     store.v[0] = mx.array(case.v_before.astype(np.float32))
     store.step = case.meta
@@ -254,7 +254,7 @@ def test_layer_cache_writes_and_attends():
 
 def test_copy_blocks_every_layer():
     bs, num_blocks = 4, 8
-    specs = [LayerSpec(2, 8, 8, None), LayerSpec(1, 16, 4, None), LayerSpec(2, 8, 8, 5)]
+    specs = [LayerSpec(4, 2, 8, 8, None), LayerSpec(2, 1, 16, 4, None), LayerSpec(4, 2, 8, 8, 5)]
     store = PagedKVStore(specs, num_blocks, bs, mx.float32)
     rng = np.random.default_rng(0)
     for pools in (store.k, store.v):

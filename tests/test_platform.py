@@ -117,3 +117,17 @@ def test_rope_parameters_are_lifted_for_mlx_lm():
         "rope_theta": 5e5, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}
     assert compat.mlx_lm_config_overrides({"rope_theta": 1.0, "rope_parameters": {"rope_theta": 2.0}}) == {}
     assert compat.mlx_lm_config_overrides({}) == {}
+
+
+def test_startup_that_cannot_fit_names_the_knob(models):
+    """A memory fraction too small for weights + activations fails fast with the remedy."""
+    env = {**os.environ, "VLLM_MLX_DEVICE": "cpu", "VLLM_METAL_MEMORY_FRACTION": "0.001"}
+    out = subprocess.run(
+        [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(models.hf),
+         "--max-model-len", "256", "--max-num-batched-tokens", "256", "--port", "18998"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert out.returncode != 0
+    log = out.stdout + out.stderr
+    assert "no memory left for the KV cache" in log
+    assert "VLLM_METAL_MEMORY_FRACTION" in log and "--kv-cache-memory-bytes" in log

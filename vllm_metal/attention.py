@@ -183,6 +183,7 @@ class PagedKVStore:
 class LayerSpec:
     """What the KV cache of one attention layer looks like."""
 
+    q_heads: int
     kv_heads: int
     head_dim: int
     v_head_dim: int
@@ -285,19 +286,25 @@ def layer_specs(model: nn.Module) -> list[LayerSpec]:
                 "(recurrent or custom state), which the paged KV path cannot hold yet."
             )
         attn = _attention_module(layer)
-        kv_heads = getattr(attn, "n_kv_heads", None) or getattr(attn, "num_key_value_heads", None)
-        head_dim = getattr(attn, "head_dim", None)
-        if kv_heads is None or head_dim is None:
-            k_proj = getattr(attn, "k_proj", None)
-            n_heads = getattr(attn, "n_heads", None) or getattr(attn, "num_heads", None)
-            if k_proj is None or n_heads is None:
-                raise UnsupportedModelError(
-                    f"{type(model).__module__}: cannot read the KV head layout of layer {i}."
-                )
+        q_heads = _first_attr(attn, "n_heads", "num_heads", "num_attention_heads")
+        kv_heads = _first_attr(attn, "n_kv_heads", "num_key_value_heads", "num_kv_heads") or q_heads
+        head_dim = _first_attr(attn, "head_dim")
+        if q_heads is None or head_dim is None:
+            raise UnsupportedModelError(
+                f"{type(model).__module__}: cannot read the head layout of layer {i}'s attention."
+            )
         window = cache.max_size if isinstance(cache, RotatingKVCache) else None
-        v_head_dim = getattr(attn, "v_head_dim", None) or head_dim
-        specs.append(LayerSpec(int(kv_heads), int(head_dim), int(v_head_dim), window))
+        v_head_dim = _first_attr(attn, "v_head_dim") or head_dim
+        specs.append(LayerSpec(int(q_heads), int(kv_heads), int(head_dim), int(v_head_dim), window))
     return specs
+
+
+def _first_attr(obj, *names: str):
+    for name in names:
+        value = getattr(obj, name, None)
+        if value is not None:
+            return value
+    return None
 
 
 def _attention_module(layer: nn.Module) -> nn.Module:
