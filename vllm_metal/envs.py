@@ -31,6 +31,17 @@ def _bool(name: str, raw: str) -> bool:
     raise MetalConfigError(f"{name}={raw!r} is not a boolean; use 1/0 (or true/false).")
 
 
+def _vllm_bool(name: str, raw: str) -> bool:
+    """vLLM's own reading of its boolean variables (only 1/true are true); anything it would
+    silently read as false, other than 0/false/empty, is refused so the two never disagree."""
+    value = raw.strip().lower()
+    if value in ("1", "true"):
+        return True
+    if value in ("0", "false", ""):
+        return False
+    raise MetalConfigError(f"{name}={raw!r} is not a boolean vLLM reads; use True or False.")
+
+
 def _choice(*choices: str) -> Callable[[str, str], str]:
     def parse(name: str, raw: str) -> str:
         value = raw.strip().lower()
@@ -99,10 +110,12 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "is reserved and refused in this release."),
     EnvVar("VLLM_METAL_DEBUG", "0", _bool,
            "Debug logs: per-step batch shape, timings and KV memory."),
-    EnvVar("VLLM_USE_MODELSCOPE", "False", _bool,
-           "Resolve model ids through ModelScope's cache instead of the Hugging Face hub."),
+    EnvVar("VLLM_USE_MODELSCOPE", "False", _vllm_bool,
+           "`True`: model ids are ModelScope ids, resolved offline to the local ModelScope cache "
+           "(`$MODELSCOPE_CACHE` or `~/.cache/modelscope/hub`); vLLM then needs `pip install modelscope`."),
     EnvVar("VLLM_METAL_MODELSCOPE_CACHE", "", _path,
-           "Absolute path of a local ModelScope model directory or cache root."),
+           "Absolute path of a local ModelScope model directory, or of a ModelScope cache root to "
+           "search first."),
     EnvVar("VLLM_METAL_PREFIX_CACHE", "", _bool,
            "`1` turns prefix caching on, `0` off; when set it overrides vLLM's "
            "`--enable-prefix-caching` / `--no-enable-prefix-caching`. Unset: vLLM decides."),

@@ -25,7 +25,7 @@ from vllm_metal.model_runner import MetalModelRunner
 logger = init_logger("vllm.metal")
 
 CPU_AUTO_KV_CAP = 4 * 2**30  # MLX's CPU backend shares RAM with everything else
-PROBE_TOKENS = 256  # prefill size measured on MLX's CPU backend (see _activation_peak)
+PROBE_TOKENS = 128  # prefill size measured on MLX's CPU backend (see _activation_peak)
 
 
 class MetalWorker(WorkerBase):
