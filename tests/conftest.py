@@ -102,9 +102,11 @@ class VllmServer:
         self._log.close()
 
 
-# The main fp32 server: default uni executor, prefix caching on (vLLM's default).
+# The main fp32 server: default uni executor, prefix caching on (vLLM's default), tool calling
+# as Docker Model Runner and coding agents turn it on.
 MAIN_ARGS = ["--dtype", "float32", "--max-model-len", "1024", "--max-num-seqs", "16",
-             "--kv-cache-memory-bytes", str(256 * 2**20), "--seed", "0"]
+             "--kv-cache-memory-bytes", str(256 * 2**20), "--seed", "0",
+             "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
 
 
 @pytest.fixture(scope="session")
