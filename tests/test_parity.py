@@ -73,11 +73,26 @@ def squeezed(models):
 
 
 def test_chunked_prefill_and_preemption_keep_tokens(squeezed, prompts, sequential):
-    jobs = [p for p in prompts for _ in range(2)]
-    with ThreadPoolExecutor(16) as pool:
-        got = list(pool.map(lambda p: completion_tokens(squeezed, p, N_NEW), jobs))
-    for i, tokens in enumerate(got):
+    """16 greedy requests plus 4 json_schema-constrained chats at once: every greedy output is
+    unchanged and every constrained one validates, through chunking and preemption."""
+    import openai
+    from test_structured import SCHEMAS, _schema_chat, _schema_violation
+
+    client = openai.OpenAI(base_url=squeezed.url, api_key="x", max_retries=0, timeout=600)
+    jobs = [("free", i) for i in range(16)] + [("json", k) for k in range(4)]
+
+    def run(job):
+        kind, i = job
+        if kind == "free":
+            return completion_tokens(squeezed, prompts[i // 2], N_NEW)
+        return _schema_chat(client, squeezed, i % len(SCHEMAS), seed=i)
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        got = list(pool.map(run, jobs))
+    for i, tokens in enumerate(got[:16]):
         assert tokens == sequential[i // 2], f"request {i}"
+    for schema, choice, usage in got[16:]:
+        assert _schema_violation(schema, choice, usage) is None
     preemptions = squeezed.metrics().get("vllm:num_preemptions_total", 0.0)
     assert preemptions > 0, "the KV budget was meant to force preemption"
 
