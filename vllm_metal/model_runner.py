@@ -62,7 +62,6 @@ class MetalModelRunner:
         )
         self.loaded: LoadedModel | None = None
         self.kv: PagedKVStore | None = None
-        self.layer_index: dict[str, int] = {}
         self._pending: _PendingStep | None = None
         self._verified = False
 
@@ -93,9 +92,7 @@ class MetalModelRunner:
         dtype = self.model_config.dtype
         specs: dict[str, KVCacheSpec] = {}
         for i, s in enumerate(self.loaded.specs):
-            name = f"model.layers.{i}.self_attn"
-            self.layer_index[name] = i
-            specs[name] = FullAttentionSpec(
+            specs[f"model.layers.{i}.self_attn"] = FullAttentionSpec(
                 block_size=self.block_size,
                 num_kv_heads=s.kv_heads,
                 head_size=s.head_dim,
@@ -173,8 +170,9 @@ class MetalModelRunner:
         to_add: list[CachedRequestState] = []
         for new in so.scheduled_new_reqs:
             params = new.sampling_params
-            if params is None:
-                raise ValueError("vllm-metal runs generation models only (no pooling params).")
+            if params is None or new.prompt_token_ids is None:
+                raise ValueError("vllm-metal runs generation on token ids only (no pooling, no "
+                                 "prompt embeddings); both are refused at startup.")
             generator = None
             if params.sampling_type == SamplingType.RANDOM_SEED:
                 generator = torch.Generator(device="cpu")
@@ -191,8 +189,6 @@ class MetalModelRunner:
                 output_token_ids=[],
                 lora_request=new.lora_request,
             )
-            if new.prompt_token_ids is None:
-                raise ValueError("prompt embeddings are not supported by vllm-metal.")
             self.requests[new.req_id] = state
             if params.prompt_logprobs is not None:
                 self.num_prompt_logprobs[new.req_id] = (
