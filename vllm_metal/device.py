@@ -39,16 +39,18 @@ def select_device(requested: str) -> mx.Device:
     return device
 
 
+def on_gpu() -> bool:
+    """Whether MLX's default device (set by ``select_device``) is an accelerator."""
+    return mx.default_device().type == mx.DeviceType.gpu
+
+
 def describe_device() -> str:
-    device = mx.default_device()
-    if device.type == mx.DeviceType.gpu:
-        return f"gpu ({gpu_backend()})"
-    return "cpu"
+    return f"gpu ({gpu_backend()})" if on_gpu() else "cpu"
 
 
 def device_memory_bytes() -> int:
     """Memory MLX may use: Metal's recommended working set, the CUDA card's, or system RAM."""
-    if mx.default_device().type == mx.DeviceType.gpu:
+    if on_gpu():
         info = mx.device_info()
         for key in ("max_recommended_working_set_size", "memory_size", "total_memory"):
             if info.get(key):

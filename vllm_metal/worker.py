@@ -19,7 +19,7 @@ from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheSpec
 from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
 
 from vllm_metal import envs
-from vllm_metal.device import describe_device, device_memory_bytes, select_device
+from vllm_metal.device import describe_device, device_memory_bytes, on_gpu, select_device
 from vllm_metal.model_runner import MetalModelRunner
 
 logger = init_logger("vllm.metal")
@@ -74,7 +74,7 @@ class MetalWorker(WorkerBase):
         activations = self._activation_peak(self.scheduler_config.max_num_batched_tokens)
         available = int(total * fraction) - weights - activations
         cap = ""
-        if mx.default_device().type == mx.DeviceType.cpu and self.envs.memory_fraction == "auto":
+        if not on_gpu() and self.envs.memory_fraction == "auto":
             if available > CPU_AUTO_KV_CAP:
                 available, cap = CPU_AUTO_KV_CAP, " (capped on MLX's CPU backend)"
         if available < runner.kv_bytes_per_block():
@@ -100,7 +100,7 @@ class MetalWorker(WorkerBase):
         plus the quadratic attention scores (heads x tokens x tokens, fp32, scores and probs).
         """
         runner = self.model_runner
-        probe = tokens if mx.default_device().type == mx.DeviceType.gpu else min(tokens, PROBE_TOKENS)
+        probe = tokens if on_gpu() else min(tokens, PROBE_TOKENS)
         mx.reset_peak_memory()
         runner.profile_forward(probe)
         measured = max(0, mx.get_peak_memory() - runner.loaded.weight_bytes)
