@@ -114,16 +114,9 @@ def test_numeric_fraction_without_paged_path_is_invalid(fraction):
     assert "paged" in msg
 
 
-def test_auto_without_paged_path_is_refused():
-    """auto + USE_PAGED_ATTENTION=0 is a valid combination in principle, but this release only
-    has the paged path, and says so."""
-    with pytest.raises(MetalConfigError) as exc:
-        load(environ={"VLLM_METAL_MEMORY_FRACTION": "auto", "VLLM_METAL_USE_PAGED_ATTENTION": "0"})
-    msg = str(exc.value)
-    assert "VLLM_METAL_USE_PAGED_ATTENTION=0" in msg
-    assert "not available" in msg
-    assert "paged KV cache" in msg
-    assert "VLLM_METAL_MEMORY_FRACTION" not in msg  # the fraction is not what is wrong
+def test_auto_without_paged_path_selects_mlx_managed_cache():
+    cfg = load(environ={"VLLM_METAL_MEMORY_FRACTION": "auto", "VLLM_METAL_USE_PAGED_ATTENTION": "0"})
+    assert cfg.memory_fraction == "auto" and not cfg.use_paged_attention
 
 
 def test_paged_path_combinations_valid():

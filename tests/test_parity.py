@@ -3,6 +3,7 @@ alone, concurrent, chunked, prefix-cached, preempted, and on the 4-bit MLX check
 
 from __future__ import annotations
 
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -107,5 +108,37 @@ def test_4bit_checkpoint_matches_mlx_lm(models, prompts):
     try:
         for p in prompts[:2]:
             assert completion_tokens(srv, p, 12) == mlx_greedy(models.mlx_4bit, p, 12)
+    finally:
+        srv.stop()
+
+
+def test_mlx_managed_cache_path_keeps_tokens(models, prompts, sequential):
+    """VLLM_METAL_USE_PAGED_ATTENTION=0: mlx-lm's per-request caches under the same squeeze
+    (64-token chunks, 56 blocks of admission, preemption) give the paged path's tokens, and a
+    prefix-cache hit restores a snapshot instead of changing anything."""
+    block_bytes = 30 * 2 * 3 * 64 * 4 * 16
+    srv = VllmServer(
+        models.hf,
+        ["--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "16",
+         "--max-num-batched-tokens", "64", "--kv-cache-memory-bytes", str(56 * block_bytes)],
+        env={"VLLM_METAL_USE_PAGED_ATTENTION": "0", "VLLM_METAL_PREFIX_CACHE": "1",
+             "VLLM_METAL_DEBUG": "1"},
+        name="mlx-managed",
+    )
+    try:
+        jobs = [p for p in prompts for _ in range(2)]
+        with ThreadPoolExecutor(16) as pool:
+            got = list(pool.map(lambda p: completion_tokens(srv, p, N_NEW), jobs))
+        for i, tokens in enumerate(got):
+            assert tokens == sequential[i // 2], f"request {i}"
+        assert srv.metrics().get("vllm:num_preemptions_total", 0.0) > 0
+        long_prompt = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+        before = srv.metrics().get("vllm:prefix_cache_hits_total", 0.0)
+        assert completion_tokens(srv, prompts[long_prompt], N_NEW) == sequential[long_prompt]
+        assert srv.metrics().get("vllm:prefix_cache_hits_total", 0.0) - before >= 256
+        log = srv.log_path.read_text()
+        assert "MLX-managed KV cache" in log
+        restored = [int(x) for x in re.findall(r"restored from snapshots so far (\d+)", log)]
+        assert max(restored) >= 256, "the hit should have been served from a K/V snapshot"
     finally:
         srv.stop()

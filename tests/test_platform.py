@@ -85,7 +85,8 @@ def test_unsupported_configs_are_refused_naming_the_flag(models, kwargs, flag):
     ("env", "needle"),
     [
         ({"VLLM_METAL_USE_MLX": "0"}, "VLLM_PLUGINS"),
-        ({"VLLM_METAL_USE_PAGED_ATTENTION": "0"}, "VLLM_METAL_USE_PAGED_ATTENTION"),
+        ({"VLLM_METAL_USE_PAGED_ATTENTION": "0", "VLLM_METAL_MEMORY_FRACTION": "0.5"},
+         "VLLM_METAL_USE_PAGED_ATTENTION=1"),
         ({"VLLM_METAL_MEMORY_FRACTION": "2"}, "VLLM_METAL_MEMORY_FRACTION"),
         ({"VLLM_MLX_DEVICE": "tpu"}, "VLLM_MLX_DEVICE"),
     ],

@@ -94,9 +94,10 @@ class EnvVar:
 ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("VLLM_METAL_MEMORY_FRACTION", "auto", _fraction(allow_auto=True),
            "`auto`, or a fraction in (0, 1] of device memory for weights, activations and the "
-           "KV cache together; the KV cache gets what the profiled forward leaves (numeric values "
-           "need the paged path). `auto` uses `--gpu-memory-utilization` (vLLM's default 0.92) "
-           "and, on MLX's CPU backend, caps the KV cache at 4 GiB."),
+           "KV cache together; the KV cache gets what the profiled forward leaves. Numeric values "
+           "need the paged path. `auto` = 0.9, or `--gpu-memory-utilization` when that flag is "
+           "given (a value other than vLLM's default 0.92); on MLX's CPU backend `auto` also caps "
+           "the KV cache at 4 GiB. `--kv-cache-memory-bytes` overrides both."),
     EnvVar("VLLM_METAL_USE_MLX", "1", _bool,
            "Use MLX for compute. `0` is refused: MLX is the plugin's only compute path "
            "(use vLLM's own CPU backend with `VLLM_PLUGINS=` instead)."),
@@ -106,8 +107,10 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("VLLM_METAL_BLOCK_SIZE", "16", _block_size,
            "Tokens per KV cache block (8, 16, 32, 64 or 128). `--block-size` wins when given."),
     EnvVar("VLLM_METAL_USE_PAGED_ATTENTION", "1", _bool,
-           "Paged KV cache owned by vLLM's block manager (default). `0` (an MLX-managed cache) "
-           "is reserved and refused in this release."),
+           "`1` (default): paged KV cache whose blocks vLLM's block manager hands out, one packed "
+           "forward per step. `0`: MLX-managed cache (mlx-lm's per-request caches, one forward per "
+           "request; vLLM still accounts blocks for admission); needs "
+           "`VLLM_METAL_MEMORY_FRACTION=auto`."),
     EnvVar("VLLM_METAL_DEBUG", "0", _bool,
            "Debug logs: per-step batch shape, timings and KV memory."),
     EnvVar("VLLM_USE_MODELSCOPE", "False", _vllm_bool,
@@ -120,7 +123,9 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "`1` turns prefix caching on, `0` off; when set it overrides vLLM's "
            "`--enable-prefix-caching` / `--no-enable-prefix-caching`. Unset: vLLM decides."),
     EnvVar("VLLM_METAL_PREFIX_CACHE_FRACTION", "0.05", _fraction(allow_auto=False),
-           "Fraction in (0, 1] of the KV cache that cached prefixes may keep."),
+           "MLX-managed path: fraction in (0, 1] of device memory that prompt-prefix K/V "
+           "snapshots may take (LRU). The paged path keeps prefixes in vLLM's block pool (free "
+           "blocks double as the prefix cache), where this bound does not apply."),
 )
 
 
@@ -169,11 +174,6 @@ def load(environ: dict[str, str] | None = None) -> MetalEnvs:
         raise MetalConfigError(
             f"VLLM_METAL_MEMORY_FRACTION={cfg.memory_fraction} needs the paged KV path: set "
             "VLLM_METAL_USE_PAGED_ATTENTION=1, or VLLM_METAL_MEMORY_FRACTION=auto."
-        )
-    if not cfg.use_paged_attention:
-        raise MetalConfigError(
-            "VLLM_METAL_USE_PAGED_ATTENTION=0 (MLX-managed cache) is not available in this "
-            "release; unset it to use the paged KV cache."
         )
     return cfg
 

@@ -32,7 +32,10 @@ class RowSelect(nn.Module):
         self.rows: mx.array | None = None
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.inner(x if self.rows is None else x[self.rows])
+        # Packed (T, 1, H) batches select along axis 0; one (1, n, H) sequence along axis 1.
+        if self.rows is not None:
+            x = x[self.rows] if x.shape[0] > 1 or x.shape[1] == 1 else x[:, self.rows]
+        return self.inner(x)
 
 
 @dataclass
@@ -53,6 +56,16 @@ class LoadedModel:
             return out.reshape(out.shape[0], -1)
         out = self.model(tokens[:, None], cache=caches)
         return out.reshape(out.shape[0], -1)[rows]
+
+    def logits_1xn(self, tokens: mx.array, caches: list, rows: mx.array) -> mx.array:
+        """One sequence ``(1, n)`` through mlx-lm caches (the MLX-managed path): ``(len(rows), vocab)``."""
+        if self.row_select is not None:
+            self.row_select.rows = rows
+            out = self.model(tokens, cache=caches)
+            self.row_select.rows = None
+            return out.reshape(-1, out.shape[-1])
+        out = self.model(tokens, cache=caches)
+        return out[0][rows]
 
 
 def _final_norm_owner(model: nn.Module) -> tuple[nn.Module, str] | None:

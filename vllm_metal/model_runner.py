@@ -23,9 +23,12 @@ from vllm.v1.sample.logits_processor import build_logitsprocs
 from vllm.v1.sample.sampler import Sampler
 from vllm.v1.worker.gpu_input_batch import CachedRequestState, InputBatch
 
+from vllm_metal import envs
 from vllm_metal.attention import PagedKVStore, PagedLayerCache, UnsupportedModelError, build_step_metadata
 from vllm_metal.bridge import mlx_to_torch
+from vllm_metal.device import device_memory_bytes
 from vllm_metal.loader import LoadedModel, load, resolve_model_dir
+from vllm_metal.mlx_cache import MlxManagedCaches, RequestWork
 
 logger = init_logger("vllm.metal")
 
@@ -42,12 +45,14 @@ class _PendingStep:
 
 
 class MetalModelRunner:
-    def __init__(self, vllm_config: VllmConfig, debug: bool = False):
+    def __init__(self, vllm_config: VllmConfig, metal_envs: envs.MetalEnvs | None = None):
         self.vllm_config = vllm_config
         self.model_config = vllm_config.model_config
         self.cache_config = vllm_config.cache_config
         self.scheduler_config = vllm_config.scheduler_config
-        self.debug = debug
+        self.envs = metal_envs or envs.load()
+        self.debug = self.envs.debug
+        self.paged = self.envs.use_paged_attention
         self.device = torch.device("cpu")
         self.block_size = self.cache_config.block_size
         self.max_model_len = self.model_config.max_model_len
@@ -62,6 +67,7 @@ class MetalModelRunner:
         )
         self.loaded: LoadedModel | None = None
         self.kv: PagedKVStore | None = None
+        self.mlx_caches: MlxManagedCaches | None = None  # VLLM_METAL_USE_PAGED_ATTENTION=0
         self._pending: _PendingStep | None = None
         self._verified = False
 
@@ -112,10 +118,21 @@ class MetalModelRunner:
         if len(groups) != 1:
             raise UnsupportedModelError(f"expected one KV cache group, got {len(groups)}")
         self.block_size = groups[0].kv_cache_spec.block_size
+        self.input_batch = self._new_input_batch(self.input_batch.logitsprocs)
+        if not self.paged:
+            prefix = 0
+            if self.cache_config.enable_prefix_caching:
+                prefix = int(self.envs.prefix_cache_fraction * device_memory_bytes())
+            self.mlx_caches = MlxManagedCaches(self.loaded, prefix, self.block_size)
+            logger.info(
+                "vllm-metal: MLX-managed KV cache (per-request mlx-lm caches; vLLM accounts "
+                "%d blocks x %d tokens; prefix snapshots up to %.1f MiB)",
+                kv_cache_config.num_blocks, self.block_size, prefix / 2**20,
+            )
+            return
         self.kv = PagedKVStore(
             self.loaded.specs, kv_cache_config.num_blocks, self.block_size, self.loaded.dtype
         )
-        self.input_batch = self._new_input_batch(self.input_batch.logitsprocs)
         logger.info(
             "vllm-metal: paged KV cache of %d blocks x %d tokens (%.1f MiB)",
             self.kv.num_blocks, self.block_size, self.kv.nbytes() / 2**20,
@@ -124,6 +141,11 @@ class MetalModelRunner:
     def profile_forward(self, num_tokens: int) -> None:
         """Run one prefill of ``num_tokens`` into a scratch KV store (memory profiling, warm-up)."""
         num_tokens = max(1, min(num_tokens, self.max_model_len))
+        if not self.paged:
+            scratch = MlxManagedCaches(self.loaded, 0, self.block_size)
+            mx.eval(scratch.forward([RequestWork("profile", [0] * num_tokens, 0, num_tokens, False)],
+                                    {"profile": num_tokens}))
+            return
         blocks = -(-num_tokens // self.block_size) + 1
         saved, self.kv = self.kv, PagedKVStore(self.loaded.specs, blocks, self.block_size, self.loaded.dtype)
         try:
@@ -159,7 +181,7 @@ class MetalModelRunner:
             self.requests.pop(req_id, None)
             self.num_prompt_logprobs.pop(req_id, None)
             batch.remove_request(req_id)
-        if so.kv_cache_block_copies:
+        if so.kv_cache_block_copies and self.kv is not None:
             self.kv.copy_blocks([(c.src_block_id, c.dst_block_id) for c in so.kv_cache_block_copies])
 
         cached = so.scheduled_cached_reqs
@@ -224,6 +246,8 @@ class MetalModelRunner:
             batch.add_request(state)
         batch.condense()
         batch.refresh_metadata()
+        if self.mlx_caches is not None:  # preempted and finished requests free their caches
+            self.mlx_caches.keep_only(set(batch.req_ids))
 
     # ----------------------------------------------------------------- one step
     def execute_model(self, so) -> ModelRunnerOutput | None:
@@ -253,17 +277,40 @@ class MetalModelRunner:
             prompt_rows[req_id] = (len(rows), lens[i], starts[i])
             rows.extend(range(cu[i], cu[i + 1]))
 
-        meta = build_step_metadata(lens, starts, tables, self.block_size)
-        tokens = mx.array(np.concatenate(token_parts).astype(np.int32))
-        logits = self._forward(tokens, meta, mx.array(np.asarray(rows, dtype=np.int32)))
+        if self.mlx_caches is not None:
+            logits = self._forward_mlx_managed(lens, starts, prompt_rows)
+        else:
+            meta = build_step_metadata(lens, starts, tables, self.block_size)
+            tokens = mx.array(np.concatenate(token_parts).astype(np.int32))
+            logits = self._forward(tokens, meta, mx.array(np.asarray(rows, dtype=np.int32)))
         self._pending = _PendingStep(so, logits, num_reqs, partial, prompt_rows)
         if self.debug:
+            restored = self.mlx_caches.restored_tokens if self.mlx_caches is not None else 0
             logger.info(
-                "vllm-metal step: %d reqs, %d tokens (%d decode), forward %.1f ms, KV %.1f MiB",
+                "vllm-metal step: %d reqs, %d tokens (%d decode), forward %.1f ms, KV %.1f MiB, "
+                "prefix tokens restored from snapshots so far %d",
                 num_reqs, int(cu[-1]), lens.count(1), (time.perf_counter() - t0) * 1e3,
-                self.kv.nbytes() / 2**20,
+                (self.kv or self.mlx_caches).nbytes() / 2**20, restored,
             )
         return None
+
+    def _forward_mlx_managed(self, lens, starts, prompt_rows) -> mx.array:
+        """The MLX-managed path: one (1, n) forward per request, prompt rows after the last rows
+        in the same order as the paged path lays them out."""
+        batch = self.input_batch
+        works = []
+        for i, req_id in enumerate(batch.req_ids):
+            end = int(batch.num_tokens_no_spec[i])
+            works.append(RequestWork(req_id, batch.token_ids_cpu[i, :end].tolist(), starts[i], lens[i],
+                                     req_id in prompt_rows))
+        order = [w.req_id for w in works if w.all_rows]
+        row = len(works)
+        for req_id in order:  # forward() appends all-rows blocks in batch order
+            _, count, start = prompt_rows[req_id]
+            prompt_rows[req_id] = (row, count, start)
+            row += count
+        prompt_lens = {r: int(batch.num_prompt_tokens[i]) for i, r in enumerate(batch.req_ids)}
+        return self.mlx_caches.forward(works, prompt_lens)
 
     def sample_tokens(self, grammar_output) -> ModelRunnerOutput:
         pending, self._pending = self._pending, None

@@ -25,6 +25,9 @@ from vllm_metal.model_runner import MetalModelRunner
 logger = init_logger("vllm.metal")
 
 CPU_AUTO_KV_CAP = 4 * 2**30  # MLX's CPU backend shares RAM with everything else
+AUTO_FRACTION = 0.9  # VLLM_METAL_MEMORY_FRACTION=auto (the seed's table)
+VLLM_DEFAULT_UTILIZATION = 0.92  # CacheConfig.gpu_memory_utilization's default in vLLM 0.32
+MIN_BUFFER_CACHE = 256 * 2**20
 PROBE_TOKENS = 128  # prefill size measured on MLX's CPU backend (see _activation_peak)
 
 
@@ -34,6 +37,7 @@ class MetalWorker(WorkerBase):
         super().__init__(vllm_config, local_rank, rank, distributed_init_method, is_driver_worker)
         self.envs = envs.load()
         self.model_runner: MetalModelRunner | None = None
+        self.activation_bytes = 0
 
     def init_device(self) -> None:
         device = select_device(self.envs.mlx_device)
@@ -43,7 +47,7 @@ class MetalWorker(WorkerBase):
             mx.random.seed(seed)
             torch.manual_seed(seed)
         logger.info("vllm-metal: worker on MLX %s (%s)", describe_device(), device)
-        self.model_runner = MetalModelRunner(self.vllm_config, debug=self.envs.debug)
+        self.model_runner = MetalModelRunner(self.vllm_config, self.envs)
 
     def load_model(self, *, load_dummy_weights: bool = False) -> None:
         if load_dummy_weights:
@@ -65,13 +69,13 @@ class MetalWorker(WorkerBase):
         runner = self.model_runner
         explicit = self.cache_config.kv_cache_memory_bytes
         if explicit is not None:
+            self._check_explicit_budget(int(explicit))
             return int(explicit)
-        fraction = self.envs.memory_fraction
-        if fraction == "auto":
-            fraction = self.cache_config.gpu_memory_utilization
+        fraction = self.memory_fraction()
         total = device_memory_bytes()
         weights = runner.loaded.weight_bytes
         activations = self._activation_peak(self.scheduler_config.max_num_batched_tokens)
+        self.activation_bytes = activations
         available = int(total * fraction) - weights - activations
         cap = ""
         if not on_gpu() and self.envs.memory_fraction == "auto":
@@ -92,6 +96,30 @@ class MetalWorker(WorkerBase):
         )
         return available
 
+    def memory_fraction(self) -> float:
+        """VLLM_METAL_MEMORY_FRACTION when numeric; for ``auto``, --gpu-memory-utilization when the
+        user changed it from vLLM's default, else 0.9."""
+        if self.envs.memory_fraction != "auto":
+            return float(self.envs.memory_fraction)
+        utilization = self.cache_config.gpu_memory_utilization
+        return AUTO_FRACTION if utilization == VLLM_DEFAULT_UTILIZATION else utilization
+
+    def _check_explicit_budget(self, budget: int) -> None:
+        """vLLM's own message for a budget below one full-length request says 0.0 GiB and points
+        at --gpu-memory-utilization, which --kv-cache-memory-bytes overrides; name the real knobs."""
+        runner = self.model_runner
+        per_block = runner.kv_bytes_per_block()
+        max_len = self.model_config.max_model_len
+        need = per_block * -(-max_len // runner.block_size)
+        if budget < need:
+            fits = budget // per_block * runner.block_size
+            shorter = f", or lower --max-model-len to {fits} or less" if fits else ""
+            raise ValueError(
+                f"vllm-metal: --kv-cache-memory-bytes {budget} holds {fits} tokens of KV cache, "
+                f"less than one --max-model-len {max_len} request needs ({need} bytes). Raise "
+                f"--kv-cache-memory-bytes to at least {need}{shorter}."
+            )
+
     def _activation_peak(self, tokens: int) -> int:
         """Peak MLX memory above the weights during one prefill of ``tokens`` tokens.
 
@@ -111,6 +139,11 @@ class MetalWorker(WorkerBase):
 
     def initialize_from_config(self, kv_cache_config: KVCacheConfig) -> None:
         self.model_runner.initialize_kv_cache(kv_cache_config)
+        # MLX keeps freed buffers for reuse, by default up to its whole memory limit; bound that
+        # cache by one step's activations so memory under load stays weights + KV + one step.
+        limit = max(self.activation_bytes, MIN_BUFFER_CACHE)
+        mx.set_cache_limit(limit)
+        logger.info("vllm-metal: MLX buffer cache capped at %.0f MiB", limit / 2**20)
 
     def compile_or_warm_up_model(self) -> CompilationTimes:
         start = time.perf_counter()
