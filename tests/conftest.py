@@ -50,7 +50,8 @@ class VllmServer:
         self.log_path = LOG_DIR / f"{name}-{self.port}.log"
         cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", self.model,
                "--host", "127.0.0.1", "--port", str(self.port), *args]
-        full_env = {**os.environ, "VLLM_MLX_DEVICE": "cpu", **(env or {})}
+        device = os.environ.get("VLLM_MLX_DEVICE", "cpu")  # scripts/gpu/ sets gpu
+        full_env = {**os.environ, "VLLM_MLX_DEVICE": device, **(env or {})}
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
                                      start_new_session=True)
