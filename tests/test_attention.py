@@ -215,6 +215,22 @@ def test_paged_attention_single_group(kind):
     assert max_err(got, reference_numpy(case, None)) < FP32_BOUND
 
 
+@pytest.mark.parametrize("window", [None, 7, 1000], ids=["full", "window7", "window-wide"])
+@pytest.mark.parametrize("kind", ["decode", "prefill_chunk"])
+def test_paged_attention_single_sequence(kind, window):
+    """One sequence in the step (single-stream serving): K/V cut to the exact context and SDPA
+    without a mask array (decode) or bottom-right causal (prefill chunk on a cached prefix); a
+    window shorter than the context falls back to the masked path."""
+    n_decode, n_prefill = (1, 0) if kind == "decode" else (0, 1)
+    for seed in range(4):
+        case = make_case(seed=40 + seed, block_size=8, kv_heads=2, n_decode=n_decode, n_prefill=n_prefill)
+        (group,) = case.meta.groups
+        assert group.ctx_len == sum(case.seqs[0]) and group.in_order and case.meta.out_order is None
+        got = run_paged(case, window)
+        assert max_err(got, reference_numpy(case, window)) < FP32_BOUND
+        assert max_err(got, reference_mlx_dense(case, window)) < FP32_BOUND
+
+
 def test_step_metadata_layout():
     """Positions and slots follow the block tables; every packed token comes back exactly once."""
     case = make_case(seed=11, block_size=16, kv_heads=1)
@@ -228,6 +244,7 @@ def test_step_metadata_layout():
         t0 += n
     assert len(set(slots.tolist())) == len(slots)  # no two tokens share a slot
     assert (slots >= 16).all()  # nothing written into the null block
+    assert case.meta.out_order is not None  # decode rows and prefill chunks interleave
     assert sorted(np.array(case.meta.out_order).tolist()) == list(range(len(slots)))
 
 

@@ -35,6 +35,8 @@ class AttnGroup:
     block_table: mx.array  # (S, nb) block ids (padding: 0)
     valid_rows: mx.array | None  # flattened (s, l) entries that are real tokens; None = all
     masks: dict[int | None, mx.array] = field(default_factory=dict)  # window -> (S,1,Lq,ctx)
+    in_order: bool = False  # token_index is 0..T-1 (no padding): queries need no gather
+    ctx_len: int | None = None  # one sequence: its exact context length (mask-free fast path)
 
     def mask(self, window: int | None, block_size: int) -> mx.array:
         if window not in self.masks:
@@ -55,7 +57,7 @@ class StepMetadata:
     positions: mx.array  # (T,) int32
     slot_mapping: mx.array  # (T,) int32 flat slot of each token's K/V
     groups: list[AttnGroup]
-    out_order: mx.array  # (T,) maps packed token -> row of the concatenated group outputs
+    out_order: mx.array | None  # (T,) packed token -> row of the group outputs; None = identity
 
 
 def build_step_metadata(
@@ -101,9 +103,14 @@ def build_step_metadata(
             table[row, : len(block_tables[i])] = block_tables[i]
         flat_valid = valid.reshape(-1)
         rows = None if flat_valid.all() else mx.array(np.flatnonzero(flat_valid).astype(np.int32))
-        groups.append(AttnGroup(mx.array(tok), mx.array(qpos), mx.array(table), rows))
+        in_order = s * lq == total and bool((tok.reshape(-1) == np.arange(total)).all())
+        ctx_len = int(starts[members[0]] + lens[members[0]]) if len(lens) == 1 else None
+        groups.append(AttnGroup(mx.array(tok), mx.array(qpos), mx.array(table), rows, in_order=in_order,
+                                ctx_len=ctx_len))
         order_parts.append(tok.reshape(-1)[flat_valid])
     concat_rows = np.concatenate(order_parts)
+    if (concat_rows == np.arange(total)).all():
+        return StepMetadata(mx.array(positions), mx.array(slots), groups, None)
     out_order = np.empty(total, dtype=np.int32)
     out_order[concat_rows] = np.arange(total, dtype=np.int32)
     return StepMetadata(mx.array(positions), mx.array(slots), groups, mx.array(out_order))
@@ -133,16 +140,23 @@ def paged_attention(
     for g in meta.groups:
         s, lq = g.token_index.shape
         nb = g.block_table.shape[1]
-        q = queries[g.token_index.reshape(-1)].reshape(s, lq, -1, dk).transpose(0, 2, 1, 3)
-        k = k_blocks[g.block_table].reshape(s, nb * block_size, kvh, dk).transpose(0, 2, 1, 3)
-        v = v_blocks[g.block_table].reshape(s, nb * block_size, kvh, dv).transpose(0, 2, 1, 3)
+        q = queries if g.in_order else queries[g.token_index.reshape(-1)]
+        q = q.reshape(s, lq, -1, dk).transpose(0, 2, 1, 3)
+        k = k_blocks[g.block_table].reshape(s, nb * block_size, kvh, dk)
+        v = v_blocks[g.block_table].reshape(s, nb * block_size, kvh, dv)
+        mask = g.mask(window, block_size)
+        if g.ctx_len is not None and (window is None or g.ctx_len <= window):
+            # One sequence: cut K/V to its exact length; then decode needs no mask and a prefill
+            # chunk is bottom-right causal, both of which SDPA does without a mask array.
+            k, v = k[:, : g.ctx_len], v[:, : g.ctx_len]
+            mask = None if lq == 1 else "causal"
         o = mx.fast.scaled_dot_product_attention(
-            q, k, v, scale=scale, mask=g.mask(window, block_size), sinks=sinks
+            q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), scale=scale, mask=mask, sinks=sinks
         )
         o = o.transpose(0, 2, 1, 3).reshape(s * lq, -1, dv)
         outs.append(o if g.valid_rows is None else o[g.valid_rows])
     out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
-    return out[meta.out_order]
+    return out if meta.out_order is None else out[meta.out_order]
 
 
 class PagedKVStore:
@@ -286,9 +300,15 @@ def layer_specs(model: nn.Module) -> list[LayerSpec]:
                 "(recurrent or custom state), which the paged KV path cannot hold yet."
             )
         attn = _attention_module(layer)
+        if _first_attr(attn, "kv_lora_rank") is not None:
+            raise UnsupportedModelError(
+                f"{type(model).__module__}: multi-head latent attention (MLA) caches a compressed "
+                "latent and passes the rope scores as the attention mask, which the paged KV path "
+                "does not implement yet."
+            )
         q_heads = _first_attr(attn, "n_heads", "num_heads", "num_attention_heads")
         kv_heads = _first_attr(attn, "n_kv_heads", "num_key_value_heads", "num_kv_heads") or q_heads
-        head_dim = _first_attr(attn, "head_dim")
+        head_dim = _first_attr(attn, "head_dim") or _rows_per_head(attn, "k_proj", kv_heads)
         if q_heads is None or head_dim is None:
             raise UnsupportedModelError(
                 f"{type(model).__module__}: cannot read the head layout of layer {i}'s attention."
@@ -297,6 +317,12 @@ def layer_specs(model: nn.Module) -> list[LayerSpec]:
         v_head_dim = _first_attr(attn, "v_head_dim") or head_dim
         specs.append(LayerSpec(int(q_heads), int(kv_heads), int(head_dim), int(v_head_dim), window))
     return specs
+
+
+def _rows_per_head(attn: nn.Module, proj: str, heads: int | None) -> int | None:
+    """Head width from a projection's output rows (mlx-lm's qwen2/qwen3 keep head_dim local)."""
+    weight = getattr(getattr(attn, proj, None), "weight", None)
+    return weight.shape[0] // heads if weight is not None and heads else None
 
 
 def _first_attr(obj, *names: str):

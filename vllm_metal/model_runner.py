@@ -262,6 +262,14 @@ class MetalModelRunner:
         for i, req_id in enumerate(batch.req_ids):
             n = so.num_scheduled_tokens[req_id]
             start = int(batch.num_computed_tokens_cpu[i])
+            if start + n > batch.num_tokens_no_spec[i]:
+                state = self.requests[req_id]
+                raise RuntimeError(
+                    f"vllm-metal: request {req_id} is scheduled for positions {start}..{start + n - 1} "
+                    f"but the runner holds {int(batch.num_tokens_no_spec[i])} tokens "
+                    f"({len(state.prompt_token_ids or [])} prompt + {len(state.output_token_ids)} "
+                    "output); the runner's token history and the scheduler's disagree."
+                )
             lens.append(n)
             starts.append(start)
             tables.append(table.block_table.np[i, : table.num_blocks_per_row[i]])

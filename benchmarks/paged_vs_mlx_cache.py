@@ -1,0 +1,116 @@
+"""The plugin's two KV paths, same run, same machine: paged (default) vs the MLX-managed cache.
+
+    python -m benchmarks.paged_vs_mlx_cache [--device cpu|gpu] [--concurrency 1 8 32]
+        [--num-prompts 100] [--max-tokens 64] [--out results.json]
+
+Each path is a real ``vllm serve`` (``VLLM_METAL_USE_PAGED_ATTENTION=1`` / ``=0``) on the bundled
+SmolLM2-135M fp32 checkpoint, driven by ``benchmarks.load`` (streaming chat, EOS suppressed so each
+answer is exactly ``--max-tokens`` long) over the first ``--num-prompts`` of the fixed mixed-length
+prompt set at each concurrency. Reports mean/p99 TTFT, mean TPOT, output tok/s and paged/MLX ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from benchmarks import machine
+from benchmarks.load import run_clients, summarize
+from benchmarks.prompts import eos_logit_bias, sweep_prompts
+from benchmarks.sweep import _token_counter
+from benchmarks.systems import Setup, VllmMetal
+
+
+class VllmMetalMlxCache(VllmMetal):
+    """The plugin with ``VLLM_METAL_USE_PAGED_ATTENTION=0`` (mlx-lm's per-request caches)."""
+
+    name = "vllm-metal-mlx-cache"
+
+    def env(self) -> dict[str, str]:
+        return super().env() | {"VLLM_METAL_USE_PAGED_ATTENTION": "0"}
+
+
+class VllmMetalPaged(VllmMetal):
+    name = "vllm-metal-paged"
+
+    def env(self) -> dict[str, str]:
+        return super().env() | {"VLLM_METAL_USE_PAGED_ATTENTION": "1"}
+
+
+def _fmt(x: float, digits: int = 1) -> str:
+    return "n/a" if x is None or math.isnan(x) else f"{x:.{digits}f}"
+
+
+def table(results: dict) -> str:
+    """Markdown: one row per concurrency, both paths and the paged/MLX ratios."""
+    paged, mlx = results["vllm-metal-paged"], results["vllm-metal-mlx-cache"]
+    lines = ["| concurrency | path | output tok/s | mean TTFT ms | p99 TTFT ms | mean TPOT ms | ok |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for c in paged:
+        for name, res in (("paged", paged[c]), ("MLX-managed", mlx[c])):
+            lines.append(f"| {c} | {name} | {_fmt(res['output_throughput'])} | "
+                         f"{_fmt(res['mean_ttft_ms'])} | {_fmt(res['p99_ttft_ms'])} | "
+                         f"{_fmt(res['mean_tpot_ms'])} | {res['completed']}/{res['num_prompts']} |")
+        p, m = paged[c], mlx[c]
+        lines.append(f"| {c} | **paged / MLX** | **{_fmt(p['output_throughput'] / m['output_throughput'], 2)}x** | "
+                     f"{_fmt(p['mean_ttft_ms'] / m['mean_ttft_ms'], 2)}x | "
+                     f"{_fmt(p['p99_ttft_ms'] / m['p99_ttft_ms'], 2)}x | "
+                     f"{_fmt(p['mean_tpot_ms'] / m['mean_tpot_ms'], 2)}x | |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vllm_metal.models.default_model import ensure_default_models
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--num-prompts", type=int, default=100)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--kv-cache-gib", type=float, default=1.0)
+    ap.add_argument("--out", type=Path, default=Path("/tmp/vllm-metal-bench/paged_vs_mlx_cache.json"))
+    args = ap.parse_args(argv)
+
+    models = ensure_default_models()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    setup = Setup(hf=models.hf, mlx=models.mlx, gguf=None, device=args.device, max_model_len=2048,
+                  max_num_seqs=max(args.concurrency), kv_cache_gib=args.kv_cache_gib,
+                  log_dir=args.out.parent / "logs")
+    bias = eos_logit_bias(models.hf)
+    prompts = sweep_prompts(args.num_prompts)
+    count = _token_counter(models.hf)
+    results: dict = {}
+    for cls in (VllmMetalPaged, VllmMetalMlxCache):
+        server = cls(setup)
+        server.start(timeout=600)
+        print(f"{server.name}: up in {server.startup_s:.1f}s", flush=True)
+        try:
+            per_level = {}
+            for c in args.concurrency:
+                res, wall = asyncio.run(run_clients(server.base_url, server.model_id, prompts,
+                                                    args.max_tokens, c, bias, count))
+                per_level[str(c)] = summarize(res, wall) | {"num_prompts": len(prompts)}
+                m = per_level[str(c)]
+                print(f"  c={c}: {_fmt(m['output_throughput'])} tok/s, TTFT {_fmt(m['mean_ttft_ms'])} "
+                      f"ms (p99 {_fmt(m['p99_ttft_ms'])}), TPOT {_fmt(m['mean_tpot_ms'])} ms, "
+                      f"{m['completed']}/{len(prompts)} ok", flush=True)
+            results[server.name] = per_level
+        finally:
+            server.stop()
+    md = table(results)
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": machine.describe(),
+            "versions": machine.versions(), "device": args.device,
+            "command": "python -m benchmarks.paged_vs_mlx_cache " + " ".join(sys.argv[1:] if argv is None else argv),
+            "num_prompts": args.num_prompts, "max_tokens": args.max_tokens}
+    args.out.write_text(json.dumps({"meta": meta, "results": results, "markdown": md}, indent=1))
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# On a Linux NVIDIA machine prepared by scripts/gpu/install.sh (or any machine with mlx[cuda13] and this
+# project installed): the GPU evidence in one command. Results go to ${OUT:-/tmp/vllm-metal-gpu}.
+#   scripts/gpu/run.sh tests     # greedy parity on MLX's CUDA device (HF fp32, mlx-lm, batching, chunking,
+#                                # preemption, prefix cache, MLX-managed path, 4-bit)
+#   scripts/gpu/run.sh paged     # paged vs MLX-managed KV path, concurrency 1/8/32, 100 prompts
+#   scripts/gpu/run.sh compare   # the benchmark suite's sweep: vllm-metal vs mlx_lm.server, 1..64 clients
+#   scripts/gpu/run.sh decode    # single-stream decode vs the bandwidth limit, plugin vs mlx_lm.generate
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$root"
+[ -f /tmp/gpu-env.sh ] && . /tmp/gpu-env.sh
+export VLLM_MLX_DEVICE=gpu PYTHONUNBUFFERED=1
+out=${OUT:-/tmp/vllm-metal-gpu}
+mkdir -p "$out"
+python3 -c "import mlx.core as mx; assert mx.cuda.is_available(), 'MLX sees no CUDA GPU'"
+case "${1:-tests}" in
+  tests)   python3 -m pytest -q -p no:cacheprovider tests/test_parity.py 2>&1 | tee "$out/tests.log" | tail -15 ;;
+  paged)   python3 -m benchmarks.paged_vs_mlx_cache --device gpu --out "$out/paged_vs_mlx_cache.json" "${@:2}" ;;
+  compare) python3 -m benchmarks.compare --device gpu --sweep --systems vllm-metal mlx-lm \
+             --concurrency 1 2 4 8 16 32 64 --out "$out/compare.json" "${@:2}" ;;
+  decode)  python3 -m benchmarks.decode_roofline --out "$out/decode.json" "${@:2}" ;;
+  *) echo "usage: $0 tests|paged|compare|decode [args]"; exit 2 ;;
+esac
