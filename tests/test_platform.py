@@ -115,7 +115,7 @@ def test_rope_parameters_are_lifted_for_mlx_lm():
     assert compat.mlx_lm_config_overrides(cfg) == {"rope_theta": 100000.0}
     scaled = {"rope_parameters": {"rope_theta": 5e5, "rope_type": "llama3", "factor": 8.0}}
     assert compat.mlx_lm_config_overrides(scaled) == {
-        "rope_theta": 5e5, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}
+        "rope_theta": 5e5, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "type": "llama3"}}
     assert compat.mlx_lm_config_overrides({"rope_theta": 1.0, "rope_parameters": {"rope_theta": 2.0}}) == {}
     assert compat.mlx_lm_config_overrides({}) == {}
 

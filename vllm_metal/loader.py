@@ -1,4 +1,4 @@
-"""Load an mlx-lm model for vLLM: HF safetensors or MLX (quantized) checkpoints, any dtype.
+"""Load an mlx-lm model for vLLM: HF safetensors, MLX (quantized) checkpoints or GGUF files.
 
 The model object stays mlx-lm's own; we only (1) cast floating weights to vLLM's dtype,
 (2) route its attention to the paged cache and (3) wrap its final norm so the LM head runs
@@ -16,9 +16,11 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 from vllm.logger import init_logger
 
-from vllm_metal import compat
+from vllm_metal import gguf
 from vllm_metal.attention import LayerSpec, UnsupportedModelError, layer_specs, patch_model_attention
 from vllm_metal.bridge import torch_dtype_to_mlx
+from vllm_metal.device import on_gpu
+from vllm_metal.models import registry
 
 logger = init_logger("vllm.metal")
 
@@ -84,8 +86,12 @@ def _final_norm_owner(model: nn.Module) -> tuple[nn.Module, str] | None:
 
 
 def resolve_model_dir(model: str) -> Path:
-    """A local checkpoint directory for ``model`` (a path or an already-downloaded hub id)."""
+    """A local checkpoint directory for ``model`` (a path or an already-downloaded hub id).
+
+    A ``.gguf`` file maps to its view directory (see ``vllm_metal.gguf.view``)."""
     path = Path(model).expanduser()
+    if gguf.is_gguf_file(path):
+        return gguf.ensure_view(path)
     if path.is_dir():
         return path
     try:
@@ -104,16 +110,22 @@ def load(model_dir: Path, dtype, trust_remote_code: bool = False) -> LoadedModel
     from mlx_lm.utils import load_config, load_model
 
     start = time.perf_counter()
-    overrides = compat.mlx_lm_config_overrides(load_config(model_dir))
+    overrides = registry.prepare_mlx_lm(load_config(model_dir))  # refuses what mlx-lm lacks
     try:
-        model, config = load_model(
-            model_dir, lazy=True, model_config=overrides, trust_remote_code=trust_remote_code
-        )
+        if gguf.is_view(model_dir):
+            from vllm_metal.gguf.weights import load_model as load_gguf_model
+
+            model, config = load_gguf_model(model_dir, overrides, trust_remote_code)
+        else:
+            model, config = load_model(
+                model_dir, lazy=True, model_config=overrides, trust_remote_code=trust_remote_code
+            )
     except ValueError as exc:
-        if "not supported" in str(exc):
+        if "not supported" in str(exc) and not isinstance(exc, gguf.GgufError):
             raise UnsupportedModelError(f"{exc} {supported_architectures_hint()}") from exc
         raise
     target = torch_dtype_to_mlx(dtype)
+    _log_quantized_dtype_costs(model, target)
 
     def cast(a: mx.array) -> mx.array:
         return a.astype(target) if mx.issubdtype(a.dtype, mx.floating) and a.dtype != target else a
@@ -143,6 +155,23 @@ def load(model_dir: Path, dtype, trust_remote_code: bool = False) -> LoadedModel
         model_dir, config.get("model_type"), weight_bytes / 2**20, time.perf_counter() - start,
     )
     return LoadedModel(model, config, specs, row_select, target, weight_bytes)
+
+
+def _log_quantized_dtype_costs(model: nn.Module, target: mx.Dtype) -> None:
+    """Say what a non-fp32 dtype costs a quantized model: float32 scales (GGUF K-quants, fp32
+    MLX checkpoints) get rounded, and MLX's CPU backend runs float16/bfloat16 quantized matmuls
+    10-50x slower than float32 ones."""
+    if target == mx.float32:
+        return
+    quantized = [m for _, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
+    if not quantized:
+        return
+    if any(m.scales.dtype == mx.float32 for m in quantized):
+        logger.info("vllm-metal: float32 quantization scales are rounded to %s; --dtype float32 keeps "
+                    "them exact", target)
+    if not on_gpu():
+        logger.warning("vllm-metal: quantized model in %s on MLX's CPU backend, whose quantized matmuls "
+                       "run 10-50x slower in float16/bfloat16 than in float32: pass --dtype float32", target)
 
 
 def supported_architectures_hint() -> str:

@@ -16,7 +16,7 @@ import torch
 from vllm.logger import init_logger
 from vllm.platforms.interface import Platform, PlatformEnum
 
-from vllm_metal import compat, envs, modelscope
+from vllm_metal import compat, envs, gguf, modelscope
 from vllm_metal.device import describe_device, device_memory_bytes, select_device
 
 if TYPE_CHECKING:
@@ -96,10 +96,12 @@ class MetalPlatform(Platform):
 
     @classmethod
     def pre_register_and_update(cls, parser=None) -> None:
-        """Before vLLM builds its config: resolve ModelScope ids to the local cache."""
+        """Before vLLM builds its config: resolve ModelScope ids to the local cache, and let a
+        ``.gguf`` file stand for a checkpoint directory."""
         cfg = envs.load()
         if cfg.use_modelscope:
             modelscope.install_resolver(cfg.modelscope_cache)
+        gguf.install_resolver()
 
     @classmethod
     def check_and_update_config(cls, vllm_config: VllmConfig) -> None:

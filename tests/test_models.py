@@ -1,0 +1,314 @@
+"""The supported-model matrix, proven per architecture through a live `vllm serve`.
+
+For each architecture in ``vllm_metal.models.tiny`` we build a tiny random-weight checkpoint from
+the real model's config, serve it with the plugin (fp32, chunked prefill with a 32-token step
+budget, prefix caching) and send four greedy completions at once (two short prompts, one that
+is chunked and crosses the sliding window, one medium) and then the long one again for a
+prefix-cache hit. Every output must equal greedy decoding by HF transformers on the same weights
+(or by mlx-lm, where the two legitimately differ: see ``REFERENCE_MLX``). Architectures the
+plugin cannot run must be refused at startup with a reason (``EXPECTED_REFUSALS``).
+
+Results go to ``$VLLM_METAL_MATRIX_OUT`` (default ``<test logs>/model_matrix.json``);
+``scripts/gen_supported_models.py`` turns them into docs/supported_models.md, and the last test
+checks that the committed doc agrees with this run.
+
+Server starts dominate the time, so the next architecture's server starts while the current one
+is tested (``VLLM_METAL_MATRIX_PARALLEL`` servers at once, default 2).
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from conftest import LOG_DIR, VllmServer, _free_port, completion_tokens
+from references import LONG_TEXT, PROMPTS, hf_greedy, tokenizer
+
+from vllm_metal.models import registry, tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import gen_supported_models  # noqa: E402
+
+N_NEW = 12
+STEP_TOKENS = 32  # --max-num-batched-tokens: the 100-token prompt is prefilled in 4 chunks
+LONG_TOKENS = 100
+SERVE_ARGS = ["--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "8",
+              "--max-num-batched-tokens", str(STEP_TOKENS), "--enable-chunked-prefill",
+              "--enable-prefix-caching", "--kv-cache-memory-bytes", str(16 * 2**20), "--seed", "0"]
+
+# mlx-lm and transformers compute these differently on purpose; the plugin runs mlx-lm's model,
+# so it is compared with mlx-lm's own greedy decoding on the same checkpoint.
+REFERENCE_MLX = {
+    "phi3": "longrope: mlx-lm's SuScaledRoPE always applies long_factor; transformers (and vLLM) "
+            "use short_factor until the sequence exceeds original_max_position_embeddings, so "
+            "outputs differ from transformers for contexts up to 4096 tokens.",
+}
+# Refused at startup: (text the `vllm serve` refusal must contain, text the plugin's own check
+# must give, the underlying cause for the docs). Only Qwen3.5 is refused by vLLM first.
+EXPECTED_REFUSALS = {
+    "gemma2": ("scaled_dot_product_attention", "scaled_dot_product_attention",
+               "mlx-lm's gemma2 computes attention by hand to apply attn_logit_softcapping (MLX's fused "
+               "SDPA has no softcap); it also ignores sliding_window, so mlx-lm itself departs from "
+               "transformers past the window"),
+    "gemma4_e2b": ("caches to layers", "caches to layers",
+                   "the last num_kv_shared_layers layers reuse earlier layers' K/V, so mlx-lm builds fewer "
+                   "caches than layers"),
+    "glm4_moe_lite": ("latent", "latent", "MLA: the cache holds a compressed latent, and the rope "
+                                          "scores travel through SDPA's mask argument"),
+    "qwen3_5": ("failed to be inspected", "ArraysCache",
+                "vLLM refuses first: its Qwen3.5 class imports torchvision (through the Qwen-VL image "
+                "processor), which this CPU stack lacks. The plugin would refuse it next: Gated DeltaNet "
+                "linear-attention layers keep recurrent state, not K/V"),
+    "qwen3_next": ("ArraysCache", "ArraysCache",
+                   "Gated DeltaNet linear-attention layers keep recurrent state, not K/V"),
+    "opt": ("Supported model types: ", "Supported model types: ",
+            "mlx-lm has no module for this architecture"),
+}
+SUPPORTED = [s for s in tiny.SPECS if s.name not in EXPECTED_REFUSALS]
+REFUSED = [s for s in (*tiny.SPECS, tiny.UNSUPPORTED) if s.name in EXPECTED_REFUSALS]
+ORDER = [s.name for s in (*SUPPORTED, *REFUSED)]
+
+RESULTS: dict[str, dict] = {}
+
+
+def _versions() -> dict[str, str]:
+    return {d: importlib.metadata.version(d) for d in ("vllm", "mlx", "mlx-lm", "transformers", "torch")}
+
+
+def _prompts(hf_dir: Path) -> list[list[int]]:
+    """Short, short, long (chunked, crosses every sliding window), medium: token ids."""
+    tok = tokenizer(hf_dir)
+    long_ids = tok(LONG_TEXT)["input_ids"][:LONG_TOKENS]
+    assert len(long_ids) == LONG_TOKENS
+    return [tok(PROMPTS[0])["input_ids"], tok(PROMPTS[1])["input_ids"], long_ids,
+            tok(PROMPTS[3] + " " + PROMPTS[5])["input_ids"]]
+
+
+def _results_path() -> Path:
+    return Path(os.environ.get("VLLM_METAL_MATRIX_OUT") or LOG_DIR / "model_matrix.json")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _write_results():
+    """Merge this run's rows into the results file (a partial run keeps the other rows)."""
+    yield
+    if not RESULTS:
+        return
+    path = _results_path()
+    rows = json.loads(path.read_text())["rows"] if path.exists() else {}
+    rows.update(RESULTS)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"rows": rows}, indent=1, sort_keys=True))
+
+
+class Launcher:
+    """Starts each architecture's server (or refused start) ahead of its test, a few at once."""
+
+    def __init__(self, names: list[str], root: Path, parallel: int):
+        self.names = names
+        self.root = root
+        self.parallel = parallel
+        self.pool = ThreadPoolExecutor(max(1, parallel))
+        self.jobs: dict[str, Future] = {}
+
+    def _job(self, name: str) -> Callable[[], object]:
+        spec = tiny.BY_NAME[name]
+
+        def run():
+            path = tiny.build(spec, self.root / name)
+            started = time.monotonic()
+            if name in EXPECTED_REFUSALS:
+                out = _refused_start(path, name)
+            else:
+                out = VllmServer(path, SERVE_ARGS, name=f"matrix-{name}")
+            return path, out, time.monotonic() - started
+
+        return run
+
+    def get(self, name: str):
+        """Result of ``name``'s job; also queues the next ``parallel - 1`` jobs."""
+        i = self.names.index(name)
+        for ahead in self.names[i : i + self.parallel]:
+            if ahead not in self.jobs:
+                self.jobs[ahead] = self.pool.submit(self._job(ahead))
+        return self.jobs[name].result()
+
+    def release(self, name: str) -> None:
+        """Stop ``name``'s server once its test is done (each holds ~1 GB)."""
+        future = self.jobs.get(name)
+        if future is not None and future.done() and future.exception() is None:
+            out = future.result()[1]
+            if isinstance(out, VllmServer):
+                out.stop()
+
+    def close(self) -> None:
+        for future in self.jobs.values():
+            if future.done() and future.exception() is None:
+                out = future.result()[1]
+                if isinstance(out, VllmServer):
+                    out.stop()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        for future in self.jobs.values():  # finished during shutdown
+            if not future.cancelled() and future.exception() is None:
+                out = future.result()[1]
+                if isinstance(out, VllmServer):
+                    out.stop()
+
+
+def _refused_start(path: Path, name: str) -> subprocess.CompletedProcess:
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(path),
+           "--host", "127.0.0.1", "--port", str(_free_port()), *SERVE_ARGS]
+    env = {**os.environ, "VLLM_MLX_DEVICE": os.environ.get("VLLM_MLX_DEVICE", "cpu")}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    (LOG_DIR / f"matrix-{name}-refused.log").write_text(out.stdout + out.stderr)
+    return out
+
+
+@pytest.fixture(scope="module")
+def launcher(request, tmp_path_factory):
+    selected = {item.callspec.params.get("name") for item in request.session.items
+                if item.module is request.module and hasattr(item, "callspec")}
+    names = [n for n in ORDER if n in selected]
+    parallel = int(os.environ.get("VLLM_METAL_MATRIX_PARALLEL", "2"))
+    launch = Launcher(names, tmp_path_factory.mktemp("tiny-models"), parallel)
+    yield launch
+    launch.close()
+
+
+def _row(spec: tiny.TinySpec, test_id: str) -> dict:
+    return {
+        "name": spec.name, "family": spec.family, "source": spec.source,
+        "architecture": spec.architecture, "model_type": spec.config["model_type"],
+        "mlx_module": _mlx_module(spec.config),
+        "features": list(spec.features), "test": test_id, "outcome": "fail", "checks": {},
+        "reason": "", "date": datetime.date.today().isoformat(), "versions": _versions(),
+    }
+
+
+def _mlx_module(config: dict) -> str | None:
+    try:
+        return registry.check_supported(config)
+    except registry.UnsupportedModelError:
+        return None
+
+
+def _mlx_reference(path: Path, prompts: list[list[int]]) -> list[list[int]]:
+    """mlx-lm's own greedy decoding, with the config fixes the plugin's loader applies."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+    from mlx_lm.utils import load_config, load_model
+
+    model, _ = load_model(path, model_config=registry.prepare_mlx_lm(load_config(path)))
+    return [[int(t) for t, _ in generate_step(mx.array(p), model, max_tokens=N_NEW)] for p in prompts]
+
+
+def _first_divergence(got: list[int], want: list[int]) -> str:
+    i = next((k for k, (a, b) in enumerate(zip(got, want, strict=True)) if a != b), None)
+    return "equal" if i is None else f"token {i}: {got[i]} != {want[i]}"
+
+
+@pytest.mark.parametrize("name", [s.name for s in SUPPORTED])
+def test_architecture_matches_reference(name, launcher, request):
+    """Batched + chunked + prefix-cached greedy output equals the reference, token for token."""
+    spec = tiny.BY_NAME[name]
+    row = RESULTS[name] = _row(spec, request.node.nodeid)
+    started = time.monotonic()
+    try:
+        path, server, startup = launcher.get(name)
+        row["startup_s"] = round(startup, 1)
+        prompts = _prompts(path)
+        ref_kind = "mlx-lm" if name in REFERENCE_MLX else "transformers"
+        row["reference"] = ref_kind
+        row["reference_note"] = REFERENCE_MLX.get(name, "")
+        if ref_kind == "mlx-lm":
+            want = _mlx_reference(path, prompts)
+        else:
+            want = [hf_greedy(path, p, N_NEW) for p in prompts]
+        for w in want:  # a degenerate model (one repeated token) would prove little
+            assert len(set(w)) >= 3, f"reference output degenerate: {w}"
+
+        hits_before = server.metrics().get("vllm:prefix_cache_hits_total", 0.0)
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            got = list(pool.map(lambda p: completion_tokens(server, p, N_NEW), prompts))
+        short_ok = all(got[i] == want[i] for i in (0, 1, 3))
+        row["checks"]["batched"] = short_ok
+        row["checks"]["chunked"] = got[2] == want[2]
+        again = completion_tokens(server, prompts[2], N_NEW)
+        hits = server.metrics().get("vllm:prefix_cache_hits_total", 0.0) - hits_before
+        row["prefix_cache_hits"] = hits
+        row["checks"]["prefix_cache"] = again == want[2] and hits >= LONG_TOKENS // 2
+        row["checks"]["paged"] = short_ok and got[2] == want[2]
+
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            assert g == w, f"prompt {i} ({len(prompts[i])} tokens): {_first_divergence(g, w)}"
+        assert again == want[2], f"prefix-cached repeat: {_first_divergence(again, want[2])}"
+        assert hits >= LONG_TOKENS // 2, f"expected a prefix-cache hit, got {hits} hit tokens"
+        row["outcome"] = "pass"
+    except Exception as exc:
+        row["reason"] = f"{type(exc).__name__}: {exc}"[:500]
+        raise
+    finally:
+        row["duration_s"] = round(time.monotonic() - started, 1)
+        launcher.release(name)
+
+
+@pytest.mark.parametrize("name", [s.name for s in REFUSED])
+def test_architecture_is_refused_at_startup(name, launcher, request):
+    """`vllm serve` exits non-zero with the plugin's reason; an unknown type lists the known ones."""
+    spec = tiny.BY_NAME[name]
+    row = RESULTS[name] = _row(spec, request.node.nodeid)
+    started = time.monotonic()
+    try:
+        path, out, startup = launcher.get(name)
+        row["startup_s"] = round(startup, 1)
+        log = out.stdout + out.stderr
+        # Refused in the API server before the engine starts (a pydantic "Value error" wrapping
+        # the plugin's preflight check), or by the loader in the engine process.
+        match = re.search(r"(?:UnsupportedModelError: |Value error, )(.+?)(?: \[type=value_error.*)?$",
+                          log, re.M)
+        assert out.returncode != 0, "vllm serve started; the plugin was expected to refuse it"
+        assert match, f"no refusal reason in the log:\n{log[-3000:]}"
+        reason = match.group(1).strip()
+        served, own, cause = EXPECTED_REFUSALS[name]
+        assert served in reason, reason
+        with pytest.raises(registry.UnsupportedModelError) as refusal:  # the plugin's own verdict
+            registry.check_runnable(json.loads((path / "config.json").read_text()))
+        assert own in str(refusal.value), str(refusal.value)
+        if name == tiny.UNSUPPORTED.name:
+            listed = reason.split("Supported model types: ")[1]
+            assert {"llama", "qwen3", "gemma3_text", "gpt_oss"} <= set(listed.rstrip(".").split(", "))
+        row["outcome"] = "refused"
+        row["reason"] = reason.split(" Supported model types:")[0]
+        row["cause"] = cause
+    except Exception as exc:
+        row["reason"] = f"{type(exc).__name__}: {exc}"[:500]
+        raise
+    finally:
+        row["duration_s"] = round(time.monotonic() - started, 1)
+
+
+def test_supported_models_doc_matches_this_run():
+    """docs/supported_models.md must say what this run proved for every architecture it ran."""
+    if not RESULTS:
+        pytest.skip("no architecture ran in this session")
+    doc_path = ROOT / "docs" / "supported_models.md"
+    assert doc_path.exists(), "docs/supported_models.md is missing: run scripts/gen_supported_models.py"
+    doc = doc_path.read_text()
+    for name, row in RESULTS.items():
+        line = gen_supported_models.table_row(row)
+        assert line in doc, (
+            f"{name}: docs/supported_models.md is stale; regenerate it with "
+            f"`python scripts/gen_supported_models.py` (expected row: {line})"
+        )
