@@ -94,12 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--device", choices=("cpu", "gpu"), default="gpu")
+    ap.add_argument("--kv-cache-gib", type=float, default=1.0)
     ap.add_argument("--out", type=Path, default=Path("/tmp/vllm-metal-bench/decode.json"))
     args = ap.parse_args(argv)
     models = ensure_default_models()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     setup = Setup(hf=models.hf, mlx=models.mlx, gguf=None, device=args.device, max_model_len=2048,
-                  max_num_seqs=8, kv_cache_gib=1.0, log_dir=args.out.parent / "logs")
+                  max_num_seqs=8, kv_cache_gib=args.kv_cache_gib, log_dir=args.out.parent / "logs")
     bw = bandwidth_gbs()
     rows = []
     for dtype in args.dtype:

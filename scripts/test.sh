@@ -5,6 +5,6 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 venv=$("$root/scripts/bootstrap.sh")
 export PATH="$venv/bin:$PATH" HF_HUB_OFFLINE=1
 cd "$root"
-ruff check vllm_metal tests
+ruff check vllm_metal tests benchmarks scripts
 python -m vllm_metal.models.default_model >/dev/null   # build/reuse the bundled model once
 python -m pytest "$@"
