@@ -16,7 +16,7 @@ import torch
 from vllm.logger import init_logger
 from vllm.platforms.interface import Platform, PlatformEnum
 
-from vllm_metal import compat, envs, gguf, modelscope
+from vllm_metal import compat, envs, gguf, modelscope, preflight, security
 from vllm_metal.device import describe_device, device_memory_bytes, select_device
 
 if TYPE_CHECKING:
@@ -109,6 +109,8 @@ class MetalPlatform(Platform):
         cfg = envs.load()
         select_device(cfg.mlx_device)  # logs the fallback once, early
         compat.apply()
+        security.guard_all_routes()  # --api-key: every route but /health, /ping
+        preflight.check_checkpoint(vllm_config.model_config)  # corrupt weights, no tokenizer
 
         parallel = vllm_config.parallel_config
         refuse = []
