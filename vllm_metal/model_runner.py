@@ -70,6 +70,8 @@ class MetalModelRunner:
         self.mlx_caches: MlxManagedCaches | None = None  # VLLM_METAL_USE_PAGED_ATTENTION=0
         self._pending: _PendingStep | None = None
         self._verified = False
+        # req_id -> what the scheduler last said of it (named when its token history disagrees)
+        self._last_update: dict[str, str] = {}
 
     def _new_input_batch(self, logitsprocs) -> InputBatch:
         return InputBatch(
@@ -180,6 +182,7 @@ class MetalModelRunner:
         for req_id in so.finished_req_ids:
             self.requests.pop(req_id, None)
             self.num_prompt_logprobs.pop(req_id, None)
+            self._last_update.pop(req_id, None)
             batch.remove_request(req_id)
         if so.kv_cache_block_copies and self.kv is not None:
             self.kv.copy_blocks([(c.src_block_id, c.dst_block_id) for c in so.kv_cache_block_copies])
@@ -224,6 +227,11 @@ class MetalModelRunner:
             num_output = cached.num_output_tokens[i]
             new_blocks = cached.new_block_ids[i]
             index = batch.req_id_to_index.get(req_id)
+            self._last_update[req_id] = (
+                f"resumed={req_id in cached.resumed_req_ids} in_batch={index is not None} "
+                f"all_token_ids={len(cached.all_token_ids.get(req_id, ())) or None} "
+                f"num_output={num_output} held_output={len(state.output_token_ids)}"
+            )
             if req_id in cached.all_token_ids and num_output > 0:
                 state.output_token_ids[:] = cached.all_token_ids[req_id][-num_output:]
             elif num_output < len(state.output_token_ids):
@@ -268,7 +276,8 @@ class MetalModelRunner:
                     f"vllm-metal: request {req_id} is scheduled for positions {start}..{start + n - 1} "
                     f"but the runner holds {int(batch.num_tokens_no_spec[i])} tokens "
                     f"({len(state.prompt_token_ids or [])} prompt + {len(state.output_token_ids)} "
-                    "output); the runner's token history and the scheduler's disagree."
+                    f"output); the runner's token history and the scheduler's disagree (last update: "
+                    f"{self._last_update.get(req_id, 'none')})."
                 )
             lens.append(n)
             starts.append(start)
