@@ -37,6 +37,42 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus samples as ``name`` -> value summed over labels."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        name, _, value = line.rpartition(" ")
+        key = name.split("{")[0]
+        try:
+            out[key] = out.get(key, 0.0) + float(value)
+        except ValueError:
+            continue
+    return out
+
+
+def metal_worker(model_dir: Path, *, dtype: str, max_model_len: int, num_blocks: int, block_size: int):
+    """A MetalWorker driven directly (no engine): loaded, with a KV cache of ``num_blocks``."""
+    from vllm.config import set_current_vllm_config
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec
+
+    from vllm_metal.worker import MetalWorker
+
+    cfg = EngineArgs(model=str(model_dir), dtype=dtype, max_model_len=max_model_len, max_num_seqs=4,
+                     block_size=block_size).create_engine_config()
+    with set_current_vllm_config(cfg):
+        worker = MetalWorker(cfg, local_rank=0, rank=0, distributed_init_method="tcp://127.0.0.1:0")
+        worker.init_device()
+        worker.load_model()
+        specs = worker.get_kv_cache_spec()
+        spec = next(iter(specs.values()))
+        worker.initialize_from_config(KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[],
+                                                    kv_cache_groups=[KVCacheGroupSpec(list(specs), spec)]))
+    return worker
+
+
 class VllmServer:
     """A live ``vllm serve`` subprocess on loopback; ``url`` is its OpenAI base URL."""
 
@@ -80,17 +116,7 @@ class VllmServer:
 
     def metrics(self) -> dict[str, float]:
         """Prometheus samples as ``name{labels}`` -> value (label part dropped)."""
-        out: dict[str, float] = {}
-        for line in httpx.get(f"{self.base}/metrics", timeout=10).text.splitlines():
-            if line.startswith("#") or not line.strip():
-                continue
-            name, _, value = line.rpartition(" ")
-            key = name.split("{")[0]
-            try:
-                out[key] = out.get(key, 0.0) + float(value)
-            except ValueError:
-                continue
-        return out
+        return parse_metrics(httpx.get(f"{self.base}/metrics", timeout=10).text)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
-from conftest import VllmServer, completion_tokens
+from conftest import VllmServer, completion_tokens, metal_worker
 from references import mlx_greedy, prompt_ids
 
 BLOCK = 16
@@ -61,23 +61,7 @@ def converted(tmp_path_factory, tiny_hf) -> dict[tuple[int, int], Path]:
 
 
 def _worker(model_dir: Path, dtype: str = "float32"):
-    from vllm.config import set_current_vllm_config
-    from vllm.engine.arg_utils import EngineArgs
-    from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec
-
-    from vllm_metal.worker import MetalWorker
-
-    cfg = EngineArgs(model=str(model_dir), dtype=dtype, max_model_len=256, max_num_seqs=4,
-                     block_size=BLOCK).create_engine_config()
-    with set_current_vllm_config(cfg):
-        worker = MetalWorker(cfg, local_rank=0, rank=0, distributed_init_method="tcp://127.0.0.1:0")
-        worker.init_device()
-        worker.load_model()
-        specs = worker.get_kv_cache_spec()
-        spec = next(iter(specs.values()))
-        worker.initialize_from_config(KVCacheConfig(num_blocks=32, kv_cache_tensors=[],
-                                                    kv_cache_groups=[KVCacheGroupSpec(list(specs), spec)]))
-    return worker
+    return metal_worker(model_dir, dtype=dtype, max_model_len=256, num_blocks=32, block_size=BLOCK)
 
 
 def _step(worker, scheduled: dict[str, int], new=(), cached=None, finished=()):

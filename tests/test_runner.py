@@ -8,34 +8,19 @@ computed); every sampled token must equal mlx-lm's greedy continuation.
 from __future__ import annotations
 
 import pytest
+from conftest import metal_worker
 from references import mlx_greedy, prompt_ids
 from vllm.sampling_params import SamplingParams
 from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
-from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec
 
 BLOCK = 16
 
 
 @pytest.fixture(scope="module")
 def runner(models):
-    from vllm.config import set_current_vllm_config
-    from vllm.engine.arg_utils import EngineArgs
-
-    from vllm_metal.worker import MetalWorker
-
-    cfg = EngineArgs(model=str(models.hf), dtype="float32", max_model_len=512,
-                     max_num_seqs=4, block_size=BLOCK).create_engine_config()
-    with set_current_vllm_config(cfg):
-        worker = MetalWorker(cfg, local_rank=0, rank=0, distributed_init_method="tcp://127.0.0.1:0")
-        worker.init_device()
-        worker.load_model()
-        specs = worker.get_kv_cache_spec()
-        spec = next(iter(specs.values()))
-        kv_config = KVCacheConfig(num_blocks=64, kv_cache_tensors=[],
-                                  kv_cache_groups=[KVCacheGroupSpec(list(specs), spec)])
-        worker.initialize_from_config(kv_config)
-        yield worker
-        worker.shutdown()
+    worker = metal_worker(models.hf, dtype="float32", max_model_len=512, num_blocks=64, block_size=BLOCK)
+    yield worker
+    worker.shutdown()
 
 
 def _step(worker, new=(), cached=None, scheduled=None, finished=()):

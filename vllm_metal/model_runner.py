@@ -71,7 +71,7 @@ class MetalModelRunner:
         self._pending: _PendingStep | None = None
         self._verified = False
         # req_id -> what the scheduler last said of it (named when its token history disagrees)
-        self._last_update: dict[str, str] = {}
+        self._last_update: dict[str, tuple] = {}
 
     def _new_input_batch(self, logitsprocs) -> InputBatch:
         return InputBatch(
@@ -227,10 +227,9 @@ class MetalModelRunner:
             num_output = cached.num_output_tokens[i]
             new_blocks = cached.new_block_ids[i]
             index = batch.req_id_to_index.get(req_id)
-            self._last_update[req_id] = (
-                f"resumed={req_id in cached.resumed_req_ids} in_batch={index is not None} "
-                f"all_token_ids={len(cached.all_token_ids.get(req_id, ())) or None} "
-                f"num_output={num_output} held_output={len(state.output_token_ids)}"
+            self._last_update[req_id] = (  # formatted only if the history disagrees
+                req_id in cached.resumed_req_ids, index is not None,
+                len(cached.all_token_ids.get(req_id, ())) or None, num_output, len(state.output_token_ids),
             )
             if req_id in cached.all_token_ids and num_output > 0:
                 state.output_token_ids[:] = cached.all_token_ids[req_id][-num_output:]
@@ -277,7 +276,7 @@ class MetalModelRunner:
                     f"but the runner holds {int(batch.num_tokens_no_spec[i])} tokens "
                     f"({len(state.prompt_token_ids or [])} prompt + {len(state.output_token_ids)} "
                     f"output); the runner's token history and the scheduler's disagree (last update: "
-                    f"{self._last_update.get(req_id, 'none')})."
+                    f"{_describe_update(self._last_update.get(req_id))})."
                 )
             lens.append(n)
             starts.append(start)
@@ -400,3 +399,10 @@ class MetalModelRunner:
             acc.logprobs[start : start + num_logits].copy_(lps)
             acc.selected_token_ranks[start : start + num_logits].copy_(ranks)
         return result
+
+
+def _describe_update(facts: tuple | None) -> str:
+    if facts is None:
+        return "none"
+    names = ("resumed", "in_batch", "all_token_ids", "num_output", "held_output")
+    return " ".join(f"{n}={v}" for n, v in zip(names, facts, strict=True))

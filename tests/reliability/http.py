@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import httpx
+from conftest import parse_metrics
 
 from reliability.procs import wait_for
 
@@ -16,21 +17,6 @@ TINY_NAME = "team/tiny"  # its --served-model-name
 def post(srv, path: str, body: dict, timeout: float = 300) -> httpx.Response:
     """POST to the server's ``/v1{path}`` with the API key."""
     return httpx.post(f"{srv.url}{path}", json=body, headers=AUTH, timeout=timeout)
-
-
-def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus samples as ``name`` -> value summed over labels (as conftest's VllmServer)."""
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        name, _, value = line.rpartition(" ")
-        key = name.split("{")[0]
-        try:
-            out[key] = out.get(key, 0.0) + float(value)
-        except ValueError:
-            continue
-    return out
 
 
 def metrics(base: str, headers: dict[str, str] | None = None) -> dict[str, float]:
