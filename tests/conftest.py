@@ -18,10 +18,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from vllm_metal.models.default_model import DefaultModels, ensure_default_models
-
+# float32 references are exact float32 on GPUs too (MLX would use TF32 there), like the servers
+# the tests start with --dtype float32; set before MLX's first matmul in this process.
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from vllm_metal.models.default_model import DefaultModels, ensure_default_models  # noqa: E402
 
 LOG_DIR = Path(os.environ.get("VLLM_METAL_TEST_LOGS", "/tmp/vllm-metal-test-logs"))
 

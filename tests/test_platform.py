@@ -132,3 +132,31 @@ def test_startup_that_cannot_fit_names_the_knob(models):
     log = out.stdout + out.stderr
     assert "no memory left for the KV cache" in log
     assert "VLLM_METAL_MEMORY_FRACTION" in log and "--kv-cache-memory-bytes" in log
+
+
+def test_runner_protocol_is_pinned_to_v1(models, monkeypatch):
+    """Where Triton imports (Linux with CUDA torch) vLLM picks its V2 runner by itself, and its
+    scheduler then resumes a preempted request as a new one; our runner speaks V1."""
+    import vllm.config.vllm as vllm_config_module
+
+    monkeypatch.setattr(vllm_config_module, "HAS_TRITON", True)
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")  # teardown restores the original
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER")
+    cfg = _engine_config(models)
+    assert cfg.use_v2_model_runner is False
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    with pytest.raises(Exception, match="VLLM_USE_V2_MODEL_RUNNER=1 is not supported"):
+        _engine_config(models)
+
+
+@pytest.mark.parametrize(("dtype", "preset", "expected"),
+                         [("float32", None, "0"), ("float32", "1", "1"), ("bfloat16", None, None)])
+def test_float32_turns_tf32_off_unless_set(models, monkeypatch, dtype, preset, expected):
+    """--dtype float32 computes in float32 (as torch does on CUDA); a user's MLX_ENABLE_TF32 wins."""
+    monkeypatch.setenv("MLX_ENABLE_TF32", "x")  # teardown restores the original
+    if preset is None:
+        monkeypatch.delenv("MLX_ENABLE_TF32")
+    else:
+        monkeypatch.setenv("MLX_ENABLE_TF32", preset)
+    _engine_config(models, dtype=dtype)
+    assert os.environ.get("MLX_ENABLE_TF32") == expected

@@ -134,9 +134,18 @@ class MetalPlatform(Platform):
         cache = vllm_config.cache_config
         if cache.cache_dtype not in ("auto", None):
             refuse.append(f"--kv-cache-dtype {cache.cache_dtype} is not supported; use auto")
+        if _v2_model_runner_requested():
+            refuse.append("VLLM_USE_V2_MODEL_RUNNER=1 is not supported (vllm-metal's runner speaks the "
+                          "V1 model-runner protocol); unset it or set it to 0")
         if refuse:
             raise ValueError("vllm-metal cannot run this configuration: " + "; ".join(refuse) + ".")
 
+        # vLLM picks its V2 runner by itself where Triton imports (Linux with CUDA torch); its
+        # scheduler then resumes a preempted request as a new one whose history rides in
+        # ``prefill_token_ids``, which a V1 runner would read as a bare prompt. Child processes
+        # inherit this.
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        _float32_means_float32(model_config)
         if parallel.worker_cls == "auto":
             parallel.worker_cls = WORKER_CLS
         if parallel.distributed_executor_backend is None:
@@ -160,3 +169,24 @@ class MetalPlatform(Platform):
         except ImportError:  # pragma: no cover - older vLLM
             pass
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+
+
+def _v2_model_runner_requested() -> bool:
+    """As vLLM reads it (``bool(int(value))``); a value vLLM itself would reject is left to it."""
+    value = os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").strip()
+    return value.lstrip("-").isdigit() and int(value) != 0
+
+
+def _float32_means_float32(model_config) -> None:
+    """``--dtype float32`` computes in float32, as vLLM's does on CUDA (torch keeps TF32 off).
+
+    MLX runs float32 matmuls as TF32 on hardware that has it (NVIDIA GPUs, M5-class Apple GPUs)
+    unless ``MLX_ENABLE_TF32=0``; batched (GEMM) and single-row (GEMV) products then round
+    differently and greedy tokens change with the batch. A value the user set is kept. The
+    engine process inherits the variable; MLX reads it at its first matmul there.
+    """
+    if model_config is None or model_config.dtype != torch.float32 or "MLX_ENABLE_TF32" in os.environ:
+        return
+    os.environ["MLX_ENABLE_TF32"] = "0"
+    logger.info("vllm-metal: --dtype float32 keeps float32 matmuls exact (MLX_ENABLE_TF32=0); "
+                "set MLX_ENABLE_TF32=1 to allow TF32 where the GPU has it")
