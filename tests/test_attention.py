@@ -61,7 +61,8 @@ def _f64(a: mx.array) -> np.ndarray:
 
 
 def make_case(seed: int, block_size: int, kv_heads: int, dtype=mx.float32,
-              n_decode: int = 5, n_prefill: int = 3, spare_block: bool = True) -> Case:
+              n_decode: int = 5, n_prefill: int = 3, spare_block: bool = True,
+              consecutive: bool = False) -> Case:
     rng = np.random.default_rng(seed)
     seqs = [(1, int(rng.integers(0, 100))) for _ in range(n_decode)]
     seqs += [(int(rng.integers(2, 41)), int(rng.integers(1, 61))) for _ in range(n_prefill)]
@@ -71,7 +72,7 @@ def make_case(seed: int, block_size: int, kv_heads: int, dtype=mx.float32,
     # Blocks each sequence needs; some get one spare trailing block (vLLM may allocate ahead).
     need = [-(-(p0 + n) // block_size) + int(spare_block and rng.random() < 0.5) for n, p0 in seqs]
     num_blocks = 1 + sum(need) + 3  # block 0 = null block, never in a table; 3 never used
-    ids = rng.permutation(np.arange(1, num_blocks))
+    ids = np.arange(1, num_blocks) if consecutive else rng.permutation(np.arange(1, num_blocks))
     tables, at = [], 0
     for k in need:
         tables.append(ids[at : at + k].astype(np.int32))
@@ -215,17 +216,25 @@ def test_paged_attention_single_group(kind):
     assert max_err(got, reference_numpy(case, None)) < FP32_BOUND
 
 
+@pytest.mark.parametrize("blocks", ["scattered", "consecutive"])
 @pytest.mark.parametrize("window", [None, 7, 1000], ids=["full", "window7", "window-wide"])
 @pytest.mark.parametrize("kind", ["decode", "prefill_chunk"])
-def test_paged_attention_single_sequence(kind, window):
+def test_paged_attention_single_sequence(kind, window, blocks):
     """One sequence in the step (single-stream serving): K/V cut to the exact context and SDPA
     without a mask array (decode) or bottom-right causal (prefill chunk on a cached prefix); a
-    window shorter than the context falls back to the masked path."""
+    window shorter than the context falls back to the masked path. When its blocks are
+    consecutive in the pool, K/V are a slice of it (no gather) and the write is a slice write."""
     n_decode, n_prefill = (1, 0) if kind == "decode" else (0, 1)
     for seed in range(4):
-        case = make_case(seed=40 + seed, block_size=8, kv_heads=2, n_decode=n_decode, n_prefill=n_prefill)
+        case = make_case(seed=40 + seed, block_size=8, kv_heads=2, n_decode=n_decode, n_prefill=n_prefill,
+                         consecutive=blocks == "consecutive")
         (group,) = case.meta.groups
         assert group.ctx_len == sum(case.seqs[0]) and group.in_order and case.meta.out_order is None
+        used = case.tables[0][: -(-group.ctx_len // 8)]
+        is_run = bool((np.diff(used) == 1).all())
+        assert is_run or blocks == "scattered"
+        assert group.ctx_slot0 == (int(used[0]) * 8 if is_run else None)
+        assert (case.meta.slot_range is not None) == (kind == "decode" or is_run)
         got = run_paged(case, window)
         assert max_err(got, reference_numpy(case, window)) < FP32_BOUND
         assert max_err(got, reference_mlx_dense(case, window)) < FP32_BOUND
@@ -248,9 +257,14 @@ def test_step_metadata_layout():
     assert sorted(np.array(case.meta.out_order).tolist()) == list(range(len(slots)))
 
 
-def test_layer_cache_writes_and_attends():
-    """PagedLayerCache: update_and_fetch writes by slot mapping, attend matches the reference."""
-    case = make_case(seed=21, block_size=8, kv_heads=2)
+@pytest.mark.parametrize("kind", ["mixed", "one_chunk_consecutive", "one_decode"])
+def test_layer_cache_writes_and_attends(kind):
+    """PagedLayerCache: update_and_fetch writes by slot mapping (a slice write for one run of
+    slots), attend matches the reference."""
+    shape = {"mixed": {}, "one_chunk_consecutive": {"n_decode": 0, "n_prefill": 1, "consecutive": True},
+             "one_decode": {"n_decode": 1, "n_prefill": 0}}[kind]
+    case = make_case(seed=21, block_size=8, kv_heads=2, **shape)
+    assert (case.meta.slot_range is None) == (kind == "mixed")
     t = case.queries.shape[0]
     num_blocks = case.k_pool.shape[0] // 8
     store = PagedKVStore([LayerSpec(4, 2, HEAD_DIM, HEAD_DIM, None)], num_blocks, 8, mx.float32)

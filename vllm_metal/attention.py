@@ -37,6 +37,7 @@ class AttnGroup:
     masks: dict[int | None, mx.array] = field(default_factory=dict)  # window -> (S,1,Lq,ctx)
     in_order: bool = False  # token_index is 0..T-1 (no padding): queries need no gather
     ctx_len: int | None = None  # one sequence: its exact context length (mask-free fast path)
+    ctx_slot0: int | None = None  # ...whose blocks are consecutive in the pool: its first slot
 
     def mask(self, window: int | None, block_size: int) -> mx.array:
         if window not in self.masks:
@@ -58,6 +59,7 @@ class StepMetadata:
     slot_mapping: mx.array  # (T,) int32 flat slot of each token's K/V
     groups: list[AttnGroup]
     out_order: mx.array | None  # (T,) packed token -> row of the group outputs; None = identity
+    slot_range: tuple[int, int] | None = None  # the step's slots form one run [a, b): slice write
 
 
 def build_step_metadata(
@@ -104,16 +106,22 @@ def build_step_metadata(
         flat_valid = valid.reshape(-1)
         rows = None if flat_valid.all() else mx.array(np.flatnonzero(flat_valid).astype(np.int32))
         in_order = s * lq == total and bool((tok.reshape(-1) == np.arange(total)).all())
-        ctx_len = int(starts[members[0]] + lens[members[0]]) if len(lens) == 1 else None
+        ctx_len = ctx_slot0 = None
+        if len(lens) == 1:
+            ctx_len = int(starts[0] + lens[0])
+            used = block_tables[0][: -(-ctx_len // block_size)]
+            if (np.diff(used) == 1).all():
+                ctx_slot0 = int(used[0]) * block_size
         groups.append(AttnGroup(mx.array(tok), mx.array(qpos), mx.array(table), rows, in_order=in_order,
-                                ctx_len=ctx_len))
+                                ctx_len=ctx_len, ctx_slot0=ctx_slot0))
         order_parts.append(tok.reshape(-1)[flat_valid])
+    one_run = (int(slots[0]), int(slots[-1]) + 1) if (np.diff(slots) == 1).all() else None
     concat_rows = np.concatenate(order_parts)
     if (concat_rows == np.arange(total)).all():
-        return StepMetadata(mx.array(positions), mx.array(slots), groups, None)
+        return StepMetadata(mx.array(positions), mx.array(slots), groups, None, one_run)
     out_order = np.empty(total, dtype=np.int32)
     out_order[concat_rows] = np.arange(total, dtype=np.int32)
-    return StepMetadata(mx.array(positions), mx.array(slots), groups, mx.array(out_order))
+    return StepMetadata(mx.array(positions), mx.array(slots), groups, mx.array(out_order), one_run)
 
 
 def paged_attention(
@@ -142,14 +150,20 @@ def paged_attention(
         nb = g.block_table.shape[1]
         q = queries if g.in_order else queries[g.token_index.reshape(-1)]
         q = q.reshape(s, lq, -1, dk).transpose(0, 2, 1, 3)
-        k = k_blocks[g.block_table].reshape(s, nb * block_size, kvh, dk)
-        v = v_blocks[g.block_table].reshape(s, nb * block_size, kvh, dv)
-        mask = g.mask(window, block_size)
         if g.ctx_len is not None and (window is None or g.ctx_len <= window):
             # One sequence: cut K/V to its exact length; then decode needs no mask and a prefill
             # chunk is bottom-right causal, both of which SDPA does without a mask array.
-            k, v = k[:, : g.ctx_len], v[:, : g.ctx_len]
+            if g.ctx_slot0 is not None:  # consecutive blocks: a view of the pool, no gather
+                k = k_pool[g.ctx_slot0 : g.ctx_slot0 + g.ctx_len][None]
+                v = v_pool[g.ctx_slot0 : g.ctx_slot0 + g.ctx_len][None]
+            else:
+                k = k_blocks[g.block_table].reshape(1, nb * block_size, kvh, dk)[:, : g.ctx_len]
+                v = v_blocks[g.block_table].reshape(1, nb * block_size, kvh, dv)[:, : g.ctx_len]
             mask = None if lq == 1 else "causal"
+        else:
+            k = k_blocks[g.block_table].reshape(s, nb * block_size, kvh, dk)
+            v = v_blocks[g.block_table].reshape(s, nb * block_size, kvh, dv)
+            mask = g.mask(window, block_size)
         o = mx.fast.scaled_dot_product_attention(
             q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), scale=scale, mask=mask, sinks=sinks
         )
@@ -217,13 +231,15 @@ class PagedLayerCache:
         return self.store.step.positions
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        """Write this step's K/V (shape ``(T, KVH, 1, D)``) into the pools by slot mapping."""
+        """Write this step's K/V (shape ``(T, KVH, 1, D)``) into the pools by slot mapping (a
+        slice write when the slots are one run, e.g. any single decode token)."""
         step = self.store.step
         t = keys.shape[0]
         k_pool = self.store.k[self.layer]
         v_pool = self.store.v[self.layer]
-        k_pool[step.slot_mapping] = keys.reshape(t, k_pool.shape[1], -1).astype(k_pool.dtype)
-        v_pool[step.slot_mapping] = values.reshape(t, v_pool.shape[1], -1).astype(v_pool.dtype)
+        where = step.slot_mapping if step.slot_range is None else slice(*step.slot_range)
+        k_pool[where] = keys.reshape(t, k_pool.shape[1], -1).astype(k_pool.dtype)
+        v_pool[where] = values.reshape(t, v_pool.shape[1], -1).astype(v_pool.dtype)
         self.store.k[self.layer] = k_pool
         self.store.v[self.layer] = v_pool
         return keys, values
