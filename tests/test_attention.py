@@ -162,6 +162,17 @@ def run_paged(case: Case, window: int | None, sinks: mx.array | None = None) -> 
     return _f64(out)
 
 
+def run_layer_cache(case: Case, window: int | None, sinks: mx.array | None = None) -> np.ndarray:
+    """The same step through ``PagedLayerCache.attend`` (what the model calls), pools as written."""
+    t, kvh = case.queries.shape[0], case.k_pool.shape[1]
+    store = PagedKVStore([LayerSpec(HEADS, kvh, HEAD_DIM, HEAD_DIM, window)], case.k_pool.shape[0] // case.block_size,
+                         case.block_size, case.dtype)
+    store.k[0], store.v[0], store.step = case.k_pool, case.v_pool, case.meta
+    out = PagedLayerCache(store, 0, window).attend(case.queries.reshape(t, HEADS, 1, HEAD_DIM), case.scale, sinks)
+    assert out.shape == (t, HEADS, 1, HEAD_DIM) and out.dtype == case.dtype
+    return _f64(out.reshape(t, HEADS, HEAD_DIM))
+
+
 def max_err(a: np.ndarray, b: np.ndarray) -> float:
     assert a.shape == b.shape
     return float(np.abs(a - b).max())
@@ -235,9 +246,10 @@ def test_paged_attention_single_sequence(kind, window, blocks):
         assert is_run or blocks == "scattered"
         assert group.ctx_slot0 == (int(used[0]) * 8 if is_run else None)
         assert (case.meta.slot_range is not None) == (kind == "decode" or is_run)
-        got = run_paged(case, window)
-        assert max_err(got, reference_numpy(case, window)) < FP32_BOUND
-        assert max_err(got, reference_mlx_dense(case, window)) < FP32_BOUND
+        ref = reference_numpy(case, window)
+        for got in (run_paged(case, window), run_layer_cache(case, window)):  # gather / pool slice
+            assert max_err(got, ref) < FP32_BOUND
+            assert max_err(got, reference_mlx_dense(case, window)) < FP32_BOUND
 
 
 def test_step_metadata_layout():
@@ -310,3 +322,16 @@ def test_copy_blocks_every_layer():
         for b in range(num_blocks):
             if b not in dst:
                 np.testing.assert_array_equal(new_b[b], old_b[b])  # sources and others untouched
+
+
+@pytest.mark.skipif(not HAS_SINKS, reason="this MLX's fast SDPA has no `sinks` argument")
+@pytest.mark.parametrize("kind", ["decode", "prefill_chunk"])
+def test_single_run_fast_path_keeps_sinks(kind):
+    """The pool-slice path of one sequence on consecutive blocks passes attention sinks through."""
+    n_decode, n_prefill = (1, 0) if kind == "decode" else (0, 1)
+    case = make_case(seed=77, block_size=8, kv_heads=1, n_decode=n_decode, n_prefill=n_prefill, consecutive=True)
+    assert case.meta.groups[0].ctx_slot0 is not None
+    sinks_np = np.array([-1.0, 0.5, 2.0, 4.0], dtype=np.float32)
+    got = run_layer_cache(case, None, mx.array(sinks_np))
+    assert max_err(got, reference_numpy(case, None, sinks_np.astype(np.float64))) < FP32_BOUND
+    assert max_err(got, reference_numpy(case, None)) > 1e-2

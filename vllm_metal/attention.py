@@ -142,27 +142,20 @@ def paged_attention(
     num_blocks = k_pool.shape[0] // block_size
     kvh, dk = k_pool.shape[1], k_pool.shape[2]
     dv = v_pool.shape[2]
-    k_blocks = k_pool.reshape(num_blocks, block_size, kvh, dk)
-    v_blocks = v_pool.reshape(num_blocks, block_size, kvh, dv)
     outs = []
     for g in meta.groups:
         s, lq = g.token_index.shape
         nb = g.block_table.shape[1]
         q = queries if g.in_order else queries[g.token_index.reshape(-1)]
         q = q.reshape(s, lq, -1, dk).transpose(0, 2, 1, 3)
+        k = k_pool.reshape(num_blocks, block_size, kvh, dk)[g.block_table].reshape(s, nb * block_size, kvh, dk)
+        v = v_pool.reshape(num_blocks, block_size, kvh, dv)[g.block_table].reshape(s, nb * block_size, kvh, dv)
         if g.ctx_len is not None and (window is None or g.ctx_len <= window):
             # One sequence: cut K/V to its exact length; then decode needs no mask and a prefill
             # chunk is bottom-right causal, both of which SDPA does without a mask array.
-            if g.ctx_slot0 is not None:  # consecutive blocks: a view of the pool, no gather
-                k = k_pool[g.ctx_slot0 : g.ctx_slot0 + g.ctx_len][None]
-                v = v_pool[g.ctx_slot0 : g.ctx_slot0 + g.ctx_len][None]
-            else:
-                k = k_blocks[g.block_table].reshape(1, nb * block_size, kvh, dk)[:, : g.ctx_len]
-                v = v_blocks[g.block_table].reshape(1, nb * block_size, kvh, dv)[:, : g.ctx_len]
+            k, v = k[:, : g.ctx_len], v[:, : g.ctx_len]
             mask = None if lq == 1 else "causal"
         else:
-            k = k_blocks[g.block_table].reshape(s, nb * block_size, kvh, dk)
-            v = v_blocks[g.block_table].reshape(s, nb * block_size, kvh, dv)
             mask = g.mask(window, block_size)
         o = mx.fast.scaled_dot_product_attention(
             q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), scale=scale, mask=mask, sinks=sinks
@@ -238,8 +231,8 @@ class PagedLayerCache:
         k_pool = self.store.k[self.layer]
         v_pool = self.store.v[self.layer]
         where = step.slot_mapping if step.slot_range is None else slice(*step.slot_range)
-        k_pool[where] = keys.reshape(t, k_pool.shape[1], -1).astype(k_pool.dtype)
-        v_pool[where] = values.reshape(t, v_pool.shape[1], -1).astype(v_pool.dtype)
+        k_pool[where] = _as(keys.reshape(t, k_pool.shape[1], -1), k_pool.dtype)
+        v_pool[where] = _as(values.reshape(t, v_pool.shape[1], -1), v_pool.dtype)
         self.store.k[self.layer] = k_pool
         self.store.v[self.layer] = v_pool
         return keys, values
@@ -250,6 +243,10 @@ class PagedLayerCache:
     def attend(self, queries: mx.array, scale: float, sinks: mx.array | None) -> mx.array:
         """Queries ``(T, H, 1, D)`` -> output ``(T, H, 1, Dv)``."""
         self.store.calls += 1
+        step = self.store.step
+        g = step.groups[0]
+        if len(step.groups) == 1 and g.ctx_slot0 is not None and (self.window is None or g.ctx_len <= self.window):
+            return self._attend_one_run(queries, g, scale, sinks)
         t, h = queries.shape[0], queries.shape[1]
         out = paged_attention(
             queries.reshape(t, h, -1),
@@ -261,7 +258,23 @@ class PagedLayerCache:
             self.window,
             sinks,
         )
-        return out.reshape(t, h, 1, -1).astype(queries.dtype)
+        return _as(out.reshape(t, h, 1, -1), queries.dtype)
+
+    def _attend_one_run(self, queries: mx.array, g: AttnGroup, scale: float, sinks: mx.array | None) -> mx.array:
+        """One sequence on consecutive blocks (single-stream serving): its K/V are one slice of the
+        pool, no gather and no mask array, about as few ops as mlx-lm's own cache (the batch-1
+        decode step is host-bound on a fast GPU, so each op per layer counts)."""
+        a, b = g.ctx_slot0, g.ctx_slot0 + g.ctx_len
+        k = self.store.k[self.layer][a:b].transpose(1, 0, 2)[None]  # (1, KVH, ctx, D)
+        v = self.store.v[self.layer][a:b].transpose(1, 0, 2)[None]
+        q = queries.transpose(2, 1, 0, 3)  # (T, H, 1, D) -> (1, H, T, D)
+        mask = None if queries.shape[0] == 1 else "causal"
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, sinks=sinks)
+        return _as(o.transpose(2, 1, 0, 3), queries.dtype)
+
+
+def _as(a: mx.array, dtype: mx.Dtype) -> mx.array:
+    return a if a.dtype == dtype else a.astype(dtype)
 
 
 def _paged_sdpa(original):
