@@ -1,9 +1,10 @@
-"""Bad input: 77 malformed or hostile requests over /v1/completions, /v1/chat/completions and
+"""Bad input: 84 malformed or hostile requests over /v1/completions, /v1/chat/completions and
 /v1/messages each get a 4xx naming the problem (never a 5xx, never a hang); afterwards the server
 answers a normal request exactly as before and its memory is back to its baseline.
 
-vLLM ignores unknown request fields by design (OpenAI SDKs send vendor fields; it logs them),
-and JSON-escaped control characters are ordinary text: those two get a 200 and a correct answer.
+Undeclared top-level fields get a 400 naming them (vLLM itself drops them silently); the few
+hints whose every value is honoured, provider keys nested in content blocks, and JSON-escaped
+control characters (ordinary text) get a 200 and a correct answer.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def test_server_unharmed_after_corpus(corpus_run, server):
 
 
 @pytest.mark.parametrize("extra", [
-    pytest.param({"frobnicate": {"deep": [1, 2, 3]}}, id="unknown-field"),
+    pytest.param({"prompt_cache_key": "user-7", "metadata": {"run": "a"}}, id="honoured-hints"),
     pytest.param({"prompt": "The capital of France is\u0000\u0001\u001b[31m"}, id="escaped-control-chars"),
 ])
 def test_tolerated_inputs_answer_normally(server, extra):
@@ -81,3 +82,26 @@ def test_tolerated_inputs_answer_normally(server, extra):
     r = server.post("/completions", body, timeout=120)
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_sdks_see_unknown_fields_refused_and_hints_honoured(server):
+    """Through the real SDKs: an undeclared field raises BadRequestError naming it; store=false,
+    safety_identifier and Anthropic's cache_control (top level and on a content block) answer."""
+    import anthropic
+    import openai
+
+    client = openai.OpenAI(base_url=server.url, api_key="x", max_retries=0)
+    chat = {"model": server.model, "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 2}
+    with pytest.raises(openai.BadRequestError, match="verbosity"):
+        client.chat.completions.create(**chat, verbosity="low")
+    ok = client.chat.completions.create(**chat, store=False, safety_identifier="u1")
+    assert ok.usage.completion_tokens >= 1
+
+    claude = anthropic.Anthropic(base_url=server.base, api_key="x", max_retries=0)
+    message = {"model": server.model, "max_tokens": 2, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "Say hi", "cache_control": {"type": "ephemeral"}}]}]}
+    with pytest.raises(anthropic.BadRequestError, match="service_tier"):
+        claude.messages.create(**message, service_tier="auto")
+    ok = claude.messages.create(**message, extra_body={"cache_control": {"type": "ephemeral"}},
+                                metadata={"user_id": "u1"})
+    assert ok.usage.output_tokens >= 1

@@ -16,7 +16,7 @@ import torch
 from vllm.logger import init_logger
 from vllm.platforms.interface import Platform, PlatformEnum
 
-from vllm_metal import compat, envs, gguf, modelscope, preflight, security
+from vllm_metal import compat, envs, gguf, modelscope, preflight, request_fields, security
 from vllm_metal.device import describe_device, device_memory_bytes, select_device
 
 if TYPE_CHECKING:
@@ -110,6 +110,7 @@ class MetalPlatform(Platform):
         select_device(cfg.mlx_device)  # logs the fallback once, early
         compat.apply()
         security.guard_all_routes()  # --api-key: every route but /health, /ping
+        request_fields.refuse_unknown_fields()  # 400 naming undeclared top-level fields
         preflight.check_checkpoint(vllm_config.model_config)  # corrupt weights, no tokenizer
 
         parallel = vllm_config.parallel_config

@@ -99,6 +99,10 @@ CASES: list[Case] = [
     Case("c-prompt-over-max-model-len", C, _c(prompt=[1] * 1100), "maximum context length"),
     Case("c-10mb-prompt", C, _c(prompt=TEN_MB), "maximum context length"),
     Case("c-unknown-model", C, {**_c(), "model": "no-such-model"}, "no-such-model", status=404),
+    # -- undeclared top-level fields: named, never silently ignored
+    Case("c-unknown-field", C, _c(frobnicate={"deep": [1, 2, 3]}), "'frobnicate'"),
+    Case("c-field-typo", C, _c(max_token=5), "'max_token'"),
+    Case("c-best-of", C, _c(best_of=3), "'best_of'"),
     # -- /v1/chat/completions
     Case("ch-messages-missing", CH, {"model": MODEL, "max_tokens": 2}, "messages"),
     Case("ch-messages-empty", CH, _ch(messages=[]), "empty conversation"),
@@ -125,6 +129,9 @@ CASES: list[Case] = [
          "maximum context length"),
     Case("ch-10mb-message", CH, _ch(messages=[{"role": "user", "content": TEN_MB}]), "maximum context length"),
     Case("ch-unknown-model", CH, {**_ch(), "model": "gpt-4o"}, "gpt-4o", status=404),
+    Case("ch-removed-guided-json", CH, _ch(guided_json={"type": "object"}), "structured_outputs"),
+    Case("ch-store-true", CH, _ch(store=True), "'store'"),
+    Case("ch-prediction", CH, _ch(prediction={"type": "content", "content": "x"}), "'prediction'"),
     # -- /v1/messages (Anthropic)
     Case("m-invalid-json", M, b'{"model": "x", "messages": [', "json"),
     Case("m-max-tokens-missing", M, {"model": MODEL, "messages": USER}, "max_tokens"),
@@ -145,4 +152,5 @@ CASES: list[Case] = [
          "maximum context length"),
     Case("m-10mb-message", M, _m(messages=[{"role": "user", "content": TEN_MB}]), "maximum context length"),
     Case("m-unknown-model", M, {**_m(), "model": "claude-9"}, "claude-9", status=404),
+    Case("m-unknown-field", M, _m(container="c1"), "'container'"),
 ]
