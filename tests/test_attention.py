@@ -162,12 +162,17 @@ def run_paged(case: Case, window: int | None, sinks: mx.array | None = None) -> 
     return _f64(out)
 
 
+def _pool4(pool: mx.array) -> mx.array:
+    """A case's ``(slots, KVH, D)`` pool in the store's ``(slots, KVH, 1, D)`` layout."""
+    return pool.reshape(pool.shape[0], pool.shape[1], 1, pool.shape[2])
+
+
 def run_layer_cache(case: Case, window: int | None, sinks: mx.array | None = None) -> np.ndarray:
     """The same step through ``PagedLayerCache.attend`` (what the model calls), pools as written."""
     t, kvh = case.queries.shape[0], case.k_pool.shape[1]
     store = PagedKVStore([LayerSpec(HEADS, kvh, HEAD_DIM, HEAD_DIM, window)], case.k_pool.shape[0] // case.block_size,
                          case.block_size, case.dtype)
-    store.k[0], store.v[0], store.step = case.k_pool, case.v_pool, case.meta
+    store.k[0], store.v[0], store.step = _pool4(case.k_pool), _pool4(case.v_pool), case.meta
     out = PagedLayerCache(store, 0, window).attend(case.queries.reshape(t, HEADS, 1, HEAD_DIM), case.scale, sinks)
     assert out.shape == (t, HEADS, 1, HEAD_DIM) and out.dtype == case.dtype
     return _f64(out.reshape(t, HEADS, HEAD_DIM))
@@ -280,14 +285,14 @@ def test_layer_cache_writes_and_attends(kind):
     t = case.queries.shape[0]
     num_blocks = case.k_pool.shape[0] // 8
     store = PagedKVStore([LayerSpec(4, 2, HEAD_DIM, HEAD_DIM, None)], num_blocks, 8, mx.float32)
-    store.k[0] = mx.array(case.k_before.astype(np.float32))
-    store.v[0] = mx.array(case.v_before.astype(np.float32))
+    store.k[0] = _pool4(mx.array(case.k_before.astype(np.float32)))
+    store.v[0] = _pool4(mx.array(case.v_before.astype(np.float32)))
     store.step = case.meta
     cache = PagedLayerCache(store, 0, window=None)
     np.testing.assert_array_equal(np.array(cache.offset), np.array(case.meta.positions))
     cache.update_and_fetch(case.k_new.reshape(t, 2, 1, HEAD_DIM), case.v_new.reshape(t, 2, 1, HEAD_DIM))
-    np.testing.assert_array_equal(np.array(store.k[0]), np.array(case.k_pool))
-    np.testing.assert_array_equal(np.array(store.v[0]), np.array(case.v_pool))
+    np.testing.assert_array_equal(np.array(store.k[0]), np.array(_pool4(case.k_pool)))
+    np.testing.assert_array_equal(np.array(store.v[0]), np.array(_pool4(case.v_pool)))
     out = cache.attend(case.queries.reshape(t, HEADS, 1, HEAD_DIM), case.scale, None)
     assert out.shape == (t, HEADS, 1, HEAD_DIM)
     assert store.calls == 1

@@ -134,14 +134,14 @@ def paged_attention(
     window: int | None = None,
     sinks: mx.array | None = None,
 ) -> mx.array:
-    """Attention of packed queries ``(T, H, D)`` over paged K/V pools ``(slots, KVH, D)``.
+    """Attention of packed queries ``(T, H, D)`` over paged K/V pools ``(slots, KVH, [1,] D)``.
 
     Returns ``(T, H, D)``. Each group gathers its sequences' blocks, runs one fused SDPA with
     an absolute-position causal mask (plus window), and the rows are put back in packed order.
     """
     num_blocks = k_pool.shape[0] // block_size
-    kvh, dk = k_pool.shape[1], k_pool.shape[2]
-    dv = v_pool.shape[2]
+    kvh, dk = k_pool.shape[1], k_pool.shape[-1]
+    dv = v_pool.shape[-1]
     outs = []
     for g in meta.groups:
         s, lq = g.token_index.shape
@@ -167,14 +167,19 @@ def paged_attention(
 
 
 class PagedKVStore:
-    """Per-layer K/V pools of shape ``(num_blocks * block_size, kv_heads, head_dim)``."""
+    """Per-layer K/V pools of shape ``(num_blocks * block_size, kv_heads, 1, head_dim)``.
+
+    The singleton axis is the sequence axis of the ``(B, KVH, L, D)`` K/V that mlx-lm's attention
+    hands its cache with ``B = T`` tokens and ``L = 1``: a step's K/V go in without a reshape, and
+    one sequence's run of slots becomes SDPA's ``(1, KVH, ctx, D)`` with one transpose.
+    """
 
     def __init__(self, specs: list[LayerSpec], num_blocks: int, block_size: int, dtype: mx.Dtype):
         self.block_size = block_size
         self.num_blocks = num_blocks
         slots = num_blocks * block_size
-        self.k = [mx.zeros((slots, s.kv_heads, s.head_dim), dtype=dtype) for s in specs]
-        self.v = [mx.zeros((slots, s.kv_heads, s.v_head_dim), dtype=dtype) for s in specs]
+        self.k = [mx.zeros((slots, s.kv_heads, 1, s.head_dim), dtype=dtype) for s in specs]
+        self.v = [mx.zeros((slots, s.kv_heads, 1, s.v_head_dim), dtype=dtype) for s in specs]
         mx.eval(self.k, self.v)
         self.step: StepMetadata | None = None
         self.calls = 0
@@ -227,12 +232,11 @@ class PagedLayerCache:
         """Write this step's K/V (shape ``(T, KVH, 1, D)``) into the pools by slot mapping (a
         slice write when the slots are one run, e.g. any single decode token)."""
         step = self.store.step
-        t = keys.shape[0]
         k_pool = self.store.k[self.layer]
         v_pool = self.store.v[self.layer]
         where = step.slot_mapping if step.slot_range is None else slice(*step.slot_range)
-        k_pool[where] = _as(keys.reshape(t, k_pool.shape[1], -1), k_pool.dtype)
-        v_pool[where] = _as(values.reshape(t, v_pool.shape[1], -1), v_pool.dtype)
+        k_pool[where] = _as(keys, k_pool.dtype)
+        v_pool[where] = _as(values, v_pool.dtype)
         self.store.k[self.layer] = k_pool
         self.store.v[self.layer] = v_pool
         return keys, values
@@ -265,11 +269,13 @@ class PagedLayerCache:
         pool, no gather and no mask array, about as few ops as mlx-lm's own cache (the batch-1
         decode step is host-bound on a fast GPU, so each op per layer counts)."""
         a, b = g.ctx_slot0, g.ctx_slot0 + g.ctx_len
-        k = self.store.k[self.layer][a:b].transpose(1, 0, 2)[None]  # (1, KVH, ctx, D)
-        v = self.store.v[self.layer][a:b].transpose(1, 0, 2)[None]
+        k = self.store.k[self.layer][a:b].transpose(2, 1, 0, 3)  # (ctx, KVH, 1, D) -> (1, KVH, ctx, D)
+        v = self.store.v[self.layer][a:b].transpose(2, 1, 0, 3)
+        if queries.shape[0] == 1:  # decode: (1, H, 1, D) is already SDPA's layout
+            o = mx.fast.scaled_dot_product_attention(queries, k, v, scale=scale, mask=None, sinks=sinks)
+            return _as(o, queries.dtype)
         q = queries.transpose(2, 1, 0, 3)  # (T, H, 1, D) -> (1, H, T, D)
-        mask = None if queries.shape[0] == 1 else "causal"
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, sinks=sinks)
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal", sinks=sinks)
         return _as(o.transpose(2, 1, 0, 3), queries.dtype)
 
 
