@@ -77,7 +77,8 @@ def test_model_names_with_dotdot_never_resolve(tiny_server, tiny_model, endpoint
              "team%2F..%2Ftiny", str(tiny_model), f"{tiny_model}/../{tiny_model.name}",
              "../" * 8 + "etc/passwd", "/etc/passwd", "~/.ssh/id_rsa"]
     for name in names:
-        body = {"model": name, "max_tokens": 2, "prompt": "hi", "messages": [{"role": "user", "content": "hi"}]}
+        body = {"model": name, "max_tokens": 2}
+        body |= {"prompt": "hi"} if endpoint == "/completions" else {"messages": [{"role": "user", "content": "hi"}]}
         r = httpx.post(f"{tiny_server.url}{endpoint}", json=body, headers=AUTH, timeout=60)
         assert r.status_code == 404, (name, r.status_code, r.text[:200])
         assert "root:" not in r.text
