@@ -113,6 +113,7 @@ def paged_loop(loaded, prompt: list[int], steps: int, num_blocks: int, block_siz
 def main(argv: list[str] | None = None) -> int:
     import torch
 
+    from vllm_metal.attention import PagedKVStore
     from vllm_metal.device import select_device
     from vllm_metal.loader import load
     from vllm_metal.models.default_model import ensure_default_models
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {"device": str(mx.default_device()), "context": args.context, "steps": args.steps}
     for dtype in args.dtype:
         loaded = load(model_dir, getattr(torch, dtype))
-        per_block = sum(16 * s.kv_heads * (s.head_dim + s.v_head_dim) * loaded.dtype.size for s in loaded.specs)
+        per_block = PagedKVStore(loaded.specs, 1, 16, loaded.dtype).nbytes()
         small = -(-(args.context + args.steps + 1) // 16) + 2
         large = max(small, int(args.large_pool_gib * 2**30 // per_block))
         runs: list[tuple[str, object, dict]] = [

@@ -39,6 +39,10 @@ class AttnGroup:
     ctx_len: int | None = None  # one sequence: its exact context length (mask-free fast path)
     ctx_slot0: int | None = None  # ...whose blocks are consecutive in the pool: its first slot
 
+    def exact_context(self, window: int | None) -> bool:
+        """One sequence whose whole context is visible: attend exactly ``ctx_len`` keys, no mask."""
+        return self.ctx_len is not None and (window is None or self.ctx_len <= window)
+
     def mask(self, window: int | None, block_size: int) -> mx.array:
         if window not in self.masks:
             ctx = self.block_table.shape[1] * block_size
@@ -150,7 +154,7 @@ def paged_attention(
         q = q.reshape(s, lq, -1, dk).transpose(0, 2, 1, 3)
         k = k_pool.reshape(num_blocks, block_size, kvh, dk)[g.block_table].reshape(s, nb * block_size, kvh, dk)
         v = v_pool.reshape(num_blocks, block_size, kvh, dv)[g.block_table].reshape(s, nb * block_size, kvh, dv)
-        if g.ctx_len is not None and (window is None or g.ctx_len <= window):
+        if g.exact_context(window):
             # One sequence: cut K/V to its exact length; then decode needs no mask and a prefill
             # chunk is bottom-right causal, both of which SDPA does without a mask array.
             k, v = k[:, : g.ctx_len], v[:, : g.ctx_len]
@@ -249,7 +253,7 @@ class PagedLayerCache:
         self.store.calls += 1
         step = self.store.step
         g = step.groups[0]
-        if len(step.groups) == 1 and g.ctx_slot0 is not None and (self.window is None or g.ctx_len <= self.window):
+        if len(step.groups) == 1 and g.ctx_slot0 is not None and g.exact_context(self.window):
             return self._attend_one_run(queries, g, scale, sinks)
         t, h = queries.shape[0], queries.shape[1]
         out = paged_attention(

@@ -28,6 +28,7 @@ HONOURED: dict[str, str] = {
 HONOURED_VALUES: dict[str, tuple] = {"store": (False, None)}
 
 
+@functools.cache
 def _declared(model_cls) -> frozenset[str]:
     names = set()
     for name, field in model_cls.model_fields.items():
@@ -52,14 +53,16 @@ async def _extra_fields(request, raw_request) -> dict:
     return {k: v for k, v in body.items() if k not in declared} if isinstance(body, dict) else {}
 
 
-def unknown_fields_message(extra: dict) -> str | None:
-    """The 400 message for undeclared top-level fields ``extra``, or None if all are honoured."""
-    bad = sorted(
+def unhonoured(extra: dict) -> list[str]:
+    """The undeclared top-level fields in ``extra`` that a request may not carry, sorted."""
+    return sorted(
         key for key, value in extra.items()
         if key not in HONOURED and not (key in HONOURED_VALUES and value in HONOURED_VALUES[key])
     )
-    if not bad:
-        return None
+
+
+def unknown_fields_message(bad: list[str]) -> str:
+    """The 400 message naming the fields ``bad``."""
     names = ", ".join(repr(k) for k in bad)
     hint = ""
     if any(k.startswith("guided_") for k in bad):
@@ -73,9 +76,9 @@ def unknown_fields_message(extra: dict) -> str | None:
 def _checked(method):
     @functools.wraps(method)
     async def wrapper(self, request, raw_request=None):
-        message = unknown_fields_message(await _extra_fields(request, raw_request))
-        if message is not None:
-            return self.create_error_response(message, param=message.split("'")[1])
+        bad = unhonoured(await _extra_fields(request, raw_request))
+        if bad:
+            return self.create_error_response(unknown_fields_message(bad), param=bad[0])
         return await method(self, request, raw_request)
 
     wrapper.__vllm_metal_checked__ = True
