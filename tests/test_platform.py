@@ -144,9 +144,10 @@ def test_runner_protocol_is_pinned_to_v1(models, monkeypatch):
     monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER")
     cfg = _engine_config(models)
     assert cfg.use_v2_model_runner is False
-    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
-    with pytest.raises(Exception, match="VLLM_USE_V2_MODEL_RUNNER=1 is not supported"):
-        _engine_config(models)
+    for value in ("1", "true"):  # a value vLLM reads as V2, and one it cannot read: both refused
+        monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", value)
+        with pytest.raises(Exception, match=f"VLLM_USE_V2_MODEL_RUNNER={value} is not supported"):
+            _engine_config(models)
 
 
 @pytest.mark.parametrize(("dtype", "preset", "expected"),

@@ -135,9 +135,10 @@ class MetalPlatform(Platform):
         cache = vllm_config.cache_config
         if cache.cache_dtype not in ("auto", None):
             refuse.append(f"--kv-cache-dtype {cache.cache_dtype} is not supported; use auto")
-        if _v2_model_runner_requested():
-            refuse.append("VLLM_USE_V2_MODEL_RUNNER=1 is not supported (vllm-metal's runner speaks the "
-                          "V1 model-runner protocol); unset it or set it to 0")
+        v2 = os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").strip()
+        if v2 not in ("", "0"):
+            refuse.append(f"VLLM_USE_V2_MODEL_RUNNER={v2} is not supported (vllm-metal's runner speaks "
+                          "the V1 model-runner protocol); unset it or set it to 0")
         if refuse:
             raise ValueError("vllm-metal cannot run this configuration: " + "; ".join(refuse) + ".")
 
@@ -170,12 +171,6 @@ class MetalPlatform(Platform):
         except ImportError:  # pragma: no cover - older vLLM
             pass
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-
-
-def _v2_model_runner_requested() -> bool:
-    """As vLLM reads it (``bool(int(value))``); a value vLLM itself would reject is left to it."""
-    value = os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").strip()
-    return value.lstrip("-").isdigit() and int(value) != 0
 
 
 def _float32_means_float32(model_config) -> None:
