@@ -237,9 +237,10 @@ def test_paged_attention_single_group(kind):
 @pytest.mark.parametrize("kind", ["decode", "prefill_chunk"])
 def test_paged_attention_single_sequence(kind, window, blocks):
     """One sequence in the step (single-stream serving): K/V cut to the exact context and SDPA
-    without a mask array (decode) or bottom-right causal (prefill chunk on a cached prefix); a
-    window shorter than the context falls back to the masked path. When its blocks are
-    consecutive in the pool, K/V are a slice of it (no gather) and the write is a slice write."""
+    without a mask array (decode) or bottom-right causal (prefill chunk on a cached prefix). A
+    window shorter than the context: a decode token attends the window's last keys, still with no
+    mask; a chunk falls back to the masked path. When its blocks are consecutive in the pool, K/V
+    are a slice of it and the write is a slice write; when scattered, one gather by slot."""
     n_decode, n_prefill = (1, 0) if kind == "decode" else (0, 1)
     for seed in range(4):
         case = make_case(seed=40 + seed, block_size=8, kv_heads=2, n_decode=n_decode, n_prefill=n_prefill,
@@ -250,6 +251,7 @@ def test_paged_attention_single_sequence(kind, window, blocks):
         is_run = bool((np.diff(used) == 1).all())
         assert is_run or blocks == "scattered"
         assert group.ctx_slot0 == (int(used[0]) * 8 if is_run else None)
+        assert (group.ctx_slots is None) == is_run
         assert (case.meta.slot_range is not None) == (kind == "decode" or is_run)
         ref = reference_numpy(case, window)
         for got in (run_paged(case, window), run_layer_cache(case, window)):  # gather / pool slice
@@ -330,13 +332,21 @@ def test_copy_blocks_every_layer():
 
 
 @pytest.mark.skipif(not HAS_SINKS, reason="this MLX's fast SDPA has no `sinks` argument")
+@pytest.mark.parametrize("window", [None, 7], ids=["full", "window7"])
+@pytest.mark.parametrize("blocks", ["scattered", "consecutive"])
 @pytest.mark.parametrize("kind", ["decode", "prefill_chunk"])
-def test_single_run_fast_path_keeps_sinks(kind):
-    """The pool-slice path of one sequence on consecutive blocks passes attention sinks through."""
+def test_single_sequence_fast_path_keeps_sinks(kind, blocks, window):
+    """The mask-free path of one sequence (pool slice or gather by slot, window cut for decode)
+    passes attention sinks through (gpt-oss: sinks on sliding-window layers)."""
     n_decode, n_prefill = (1, 0) if kind == "decode" else (0, 1)
-    case = make_case(seed=77, block_size=8, kv_heads=1, n_decode=n_decode, n_prefill=n_prefill, consecutive=True)
-    assert case.meta.groups[0].ctx_slot0 is not None
+    for seed in range(77, 200):  # a context that the window cuts, over blocks that are (not) a run
+        case = make_case(seed=seed, block_size=8, kv_heads=1, n_decode=n_decode, n_prefill=n_prefill,
+                         consecutive=blocks == "consecutive")
+        if sum(case.seqs[0]) > 16 and (case.meta.groups[0].ctx_slot0 is not None) == (blocks == "consecutive"):
+            break
+    else:
+        pytest.fail("no seed gives the wanted case")
     sinks_np = np.array([-1.0, 0.5, 2.0, 4.0], dtype=np.float32)
-    got = run_layer_cache(case, None, mx.array(sinks_np))
-    assert max_err(got, reference_numpy(case, None, sinks_np.astype(np.float64))) < FP32_BOUND
-    assert max_err(got, reference_numpy(case, None)) > 1e-2
+    got = run_layer_cache(case, window, mx.array(sinks_np))
+    assert max_err(got, reference_numpy(case, window, sinks_np.astype(np.float64))) < FP32_BOUND
+    assert max_err(got, reference_numpy(case, window)) > 1e-2

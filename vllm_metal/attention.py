@@ -38,10 +38,34 @@ class AttnGroup:
     in_order: bool = False  # token_index is 0..T-1 (no padding): queries need no gather
     ctx_len: int | None = None  # one sequence: its exact context length (mask-free fast path)
     ctx_slot0: int | None = None  # ...whose blocks are consecutive in the pool: its first slot
+    ctx_slots: mx.array | None = None  # ...whose blocks are not: the slot of each context position
+    _slots_from: dict[int, mx.array] = field(default_factory=dict)
 
     def exact_context(self, window: int | None) -> bool:
         """One sequence whose whole context is visible: attend exactly ``ctx_len`` keys, no mask."""
         return self.ctx_len is not None and (window is None or self.ctx_len <= window)
+
+    def visible_from(self, window: int | None) -> int | None:
+        """One sequence that needs no mask array: the first context position every query sees.
+
+        0 when the whole context is visible (decode: no mask; a chunk: bottom-right causal); for
+        a decode token behind a sliding window, the window's first position. None: use a mask.
+        """
+        if self.exact_context(window):
+            return 0
+        if self.ctx_len is not None and self.token_index.shape[1] == 1:
+            return self.ctx_len - window
+        return None
+
+    def read_context(self, pool: mx.array, start: int) -> mx.array:
+        """Rows ``start:ctx_len`` of this one sequence's context from a ``(slots, ...)`` pool:
+        a slice when its blocks are consecutive, else one gather by precomputed slot (the same
+        number of recorded ops either way: the batch-1 step is host-bound on a fast GPU)."""
+        if self.ctx_slot0 is not None:
+            return pool[self.ctx_slot0 + start : self.ctx_slot0 + self.ctx_len]
+        if start not in self._slots_from:
+            self._slots_from[start] = self.ctx_slots if start == 0 else self.ctx_slots[start:]
+        return pool[self._slots_from[start]]
 
     def mask(self, window: int | None, block_size: int) -> mx.array:
         if window not in self.masks:
@@ -110,14 +134,17 @@ def build_step_metadata(
         flat_valid = valid.reshape(-1)
         rows = None if flat_valid.all() else mx.array(np.flatnonzero(flat_valid).astype(np.int32))
         in_order = s * lq == total and bool((tok.reshape(-1) == np.arange(total)).all())
-        ctx_len = ctx_slot0 = None
+        ctx_len = ctx_slot0 = ctx_slots = None
         if len(lens) == 1:
             ctx_len = int(starts[0] + lens[0])
-            used = block_tables[0][: -(-ctx_len // block_size)]
-            if (np.diff(used) == 1).all():
-                ctx_slot0 = int(used[0]) * block_size
+            pos = np.arange(ctx_len)
+            ctx = (block_tables[0][pos // block_size] * block_size + pos % block_size).astype(np.int32)
+            if (np.diff(ctx) == 1).all():
+                ctx_slot0 = int(ctx[0])
+            else:
+                ctx_slots = mx.array(ctx)
         groups.append(AttnGroup(mx.array(tok), mx.array(qpos), mx.array(table), rows, in_order=in_order,
-                                ctx_len=ctx_len, ctx_slot0=ctx_slot0))
+                                ctx_len=ctx_len, ctx_slot0=ctx_slot0, ctx_slots=ctx_slots))
         order_parts.append(tok.reshape(-1)[flat_valid])
     one_run = (int(slots[0]), int(slots[-1]) + 1) if (np.diff(slots) == 1).all() else None
     concat_rows = np.concatenate(order_parts)
@@ -253,8 +280,8 @@ class PagedLayerCache:
         self.store.calls += 1
         step = self.store.step
         g = step.groups[0]
-        if len(step.groups) == 1 and g.ctx_slot0 is not None and g.exact_context(self.window):
-            return self._attend_one_run(queries, g, scale, sinks)
+        if len(step.groups) == 1 and (start := g.visible_from(self.window)) is not None:
+            return self._attend_one_sequence(queries, g, start, scale, sinks)
         t, h = queries.shape[0], queries.shape[1]
         out = paged_attention(
             queries.reshape(t, h, -1),
@@ -268,13 +295,14 @@ class PagedLayerCache:
         )
         return _as(out.reshape(t, h, 1, -1), queries.dtype)
 
-    def _attend_one_run(self, queries: mx.array, g: AttnGroup, scale: float, sinks: mx.array | None) -> mx.array:
-        """One sequence on consecutive blocks (single-stream serving): its K/V are one slice of the
-        pool, no gather and no mask array, about as few ops as mlx-lm's own cache (the batch-1
-        decode step is host-bound on a fast GPU, so each op per layer counts)."""
-        a, b = g.ctx_slot0, g.ctx_slot0 + g.ctx_len
-        k = self.store.k[self.layer][a:b].transpose(2, 1, 0, 3)  # (ctx, KVH, 1, D) -> (1, KVH, ctx, D)
-        v = self.store.v[self.layer][a:b].transpose(2, 1, 0, 3)
+    def _attend_one_sequence(
+        self, queries: mx.array, g: AttnGroup, start: int, scale: float, sinks: mx.array | None
+    ) -> mx.array:
+        """One sequence (single-stream serving): its visible K/V are one slice of the pool, or one
+        gather when its blocks are scattered (a request that starts on prefix-cached blocks), and
+        SDPA runs without a mask array: about as few ops per layer as mlx-lm's own cache."""
+        k = g.read_context(self.store.k[self.layer], start).transpose(2, 1, 0, 3)  # -> (1, KVH, ctx, D)
+        v = g.read_context(self.store.v[self.layer], start).transpose(2, 1, 0, 3)
         if queries.shape[0] == 1:  # decode: (1, H, 1, D) is already SDPA's layout
             o = mx.fast.scaled_dot_product_attention(queries, k, v, scale=scale, mask=None, sinks=sinks)
             return _as(o, queries.dtype)
