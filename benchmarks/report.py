@@ -68,8 +68,8 @@ def sweep_tables(res: dict[str, Any]) -> list[str]:
     names = list(systems)
     levels = res["meta"]["params"]["concurrency"]
 
-    def metric(name: str, c: int, key: str) -> Any:
-        return ((systems[name].get("sweep") or {}).get(str(c)) or {}).get(key)
+    def metric(name: str, c: int, key: str) -> Any:  # None also for a system not in this run
+        return ((systems.get(name, {}).get("sweep") or {}).get(str(c)) or {}).get(key)
 
     def table(title: str, fmt) -> list[str]:
         rows = []

@@ -97,6 +97,13 @@ def test_quick_run_measures_every_system(tmp_path: Path) -> None:
                     str(merged)], cwd=ROOT, check=True, capture_output=True, timeout=300)
     assert json.loads(merged.read_text())["systems"] == systems
     assert table_rows(merged.with_suffix(".md").read_text()) == table_rows(md)
+    # One part alone (what each `--systems X` run reports) has no reference system: its ratio
+    # cells say n/a instead of the report failing.
+    alone = tmp_path / "alone" / "results.json"
+    subprocess.run([sys.executable, "-m", "benchmarks.compare", "--merge", parts[0], "--out", str(alone)],
+                   cwd=ROOT, check=True, capture_output=True, timeout=300)
+    alone_md = alone.with_suffix(".md").read_text()
+    assert "| clients | vllm-metal |" in alone_md and "(n/a)" in alone_md, alone_md
 
 
 def test_systems_that_cannot_run_are_reported(tmp_path: Path) -> None:
