@@ -1,6 +1,7 @@
 """Where one batch-1 decode step's time goes, in process: the plugin's paged forward vs mlx-lm's own.
 
     python -m benchmarks.step_profile [--dtype float32] [--context 128] [--steps 64] [--device gpu]
+        [--cache-limit-mib 256]
 
 No server, no scheduler: the same loaded model runs (a) mlx-lm's ``KVCache`` loop, synchronous
 per token as the plugin is, and (b) the plugin's paged step (``build_step_metadata`` +
@@ -124,14 +125,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--large-pool-gib", type=float, default=1.0)
     ap.add_argument("--device", choices=("cpu", "gpu"), default="gpu")
+    ap.add_argument("--cache-limit-mib", type=int, help="cap MLX's buffer cache as the worker does "
+                    "under `vllm serve` (it logs the cap it sets); default: MLX's own limit")
     ap.add_argument("--ablations", action="store_true",
                     help="also time the paged step without its pool write, and without its gather")
     ap.add_argument("--out", type=Path, default=Path("/tmp/vllm-metal-bench/step_profile.json"))
     args = ap.parse_args(argv)
     select_device(args.device)
+    if args.cache_limit_mib is not None:
+        mx.set_cache_limit(args.cache_limit_mib * 2**20)
     model_dir = ensure_default_models().mlx
     prompt = [int(x) for x in np.random.default_rng(1).integers(100, 40000, args.context)]
-    results = {"device": str(mx.default_device()), "context": args.context, "steps": args.steps}
+    results = {"device": str(mx.default_device()), "context": args.context, "steps": args.steps,
+               "cache_limit_mib": args.cache_limit_mib}
     for dtype in args.dtype:
         loaded = load(model_dir, getattr(torch, dtype))
         per_block = PagedKVStore(loaded.specs, 1, 16, loaded.dtype).nbytes()
