@@ -236,7 +236,8 @@ def test_paged_attention_single_group(kind):
 @pytest.mark.parametrize("window", [None, 7, 1000], ids=["full", "window7", "window-wide"])
 @pytest.mark.parametrize("kind", ["decode", "prefill_chunk"])
 def test_paged_attention_single_sequence(kind, window, blocks):
-    """One sequence in the step (single-stream serving): K/V cut to the exact context and SDPA
+    """One sequence in the step (single-stream serving), through the general masked op and the
+    layer cache's mask-free path: K/V cut to the exact context and SDPA
     without a mask array (decode) or bottom-right causal (prefill chunk on a cached prefix). A
     window shorter than the context: a decode token attends the window's last keys, still with no
     mask; a chunk falls back to the masked path. When its blocks are consecutive in the pool, K/V
@@ -254,7 +255,7 @@ def test_paged_attention_single_sequence(kind, window, blocks):
         assert (group.ctx_slots is None) == is_run
         assert (case.meta.slot_range is not None) == (kind == "decode" or is_run)
         ref = reference_numpy(case, window)
-        for got in (run_paged(case, window), run_layer_cache(case, window)):  # gather / pool slice
+        for got in (run_paged(case, window), run_layer_cache(case, window)):  # masked op / mask-free
             assert max_err(got, ref) < FP32_BOUND
             assert max_err(got, reference_mlx_dense(case, window)) < FP32_BOUND
 

@@ -9,7 +9,9 @@ by slot mapping and answers attention through block tables.
 Attention for a step is split into at most two groups — decode rows (one query each) and
 prefill chunks — each one ``mx.fast.scaled_dot_product_attention`` call over K/V gathered by
 block table, with a causal (and sliding-window) mask built from absolute positions. No
-Python loop over requests runs per layer.
+Python loop over requests runs per layer. A step of one sequence (single-stream serving) skips
+the mask: ``PagedLayerCache`` reads exactly its visible context (a pool slice, or one gather by
+slot) and ``paged_attention`` stays the general masked op.
 """
 
 from __future__ import annotations
@@ -41,21 +43,17 @@ class AttnGroup:
     ctx_slots: mx.array | None = None  # ...whose blocks are not: the slot of each context position
     _slots_from: dict[int, mx.array] = field(default_factory=dict)
 
-    def exact_context(self, window: int | None) -> bool:
-        """One sequence whose whole context is visible: attend exactly ``ctx_len`` keys, no mask."""
-        return self.ctx_len is not None and (window is None or self.ctx_len <= window)
-
     def visible_from(self, window: int | None) -> int | None:
         """One sequence that needs no mask array: the first context position every query sees.
 
         0 when the whole context is visible (decode: no mask; a chunk: bottom-right causal); for
         a decode token behind a sliding window, the window's first position. None: use a mask.
         """
-        if self.exact_context(window):
+        if self.ctx_len is None:
+            return None
+        if window is None or self.ctx_len <= window:
             return 0
-        if self.ctx_len is not None and self.token_index.shape[1] == 1:
-            return self.ctx_len - window
-        return None
+        return self.ctx_len - window if self.token_index.shape[1] == 1 else None
 
     def read_context(self, pool: mx.array, start: int) -> mx.array:
         """Rows ``start:ctx_len`` of this one sequence's context from a ``(slots, ...)`` pool:
@@ -110,7 +108,7 @@ def build_step_metadata(
     for i, (n, p0) in enumerate(zip(lens, starts, strict=True)):
         pos = np.arange(p0, p0 + n)
         positions[cu[i] : cu[i + 1]] = pos
-        slots[cu[i] : cu[i + 1]] = block_tables[i][pos // block_size] * block_size + pos % block_size
+        slots[cu[i] : cu[i + 1]] = _slots(block_tables[i], pos, block_size)
 
     groups: list[AttnGroup] = []
     order_parts: list[np.ndarray] = []
@@ -137,12 +135,11 @@ def build_step_metadata(
         ctx_len = ctx_slot0 = ctx_slots = None
         if len(lens) == 1:
             ctx_len = int(starts[0] + lens[0])
-            pos = np.arange(ctx_len)
-            ctx = (block_tables[0][pos // block_size] * block_size + pos % block_size).astype(np.int32)
-            if (np.diff(ctx) == 1).all():
-                ctx_slot0 = int(ctx[0])
-            else:
-                ctx_slots = mx.array(ctx)
+            used = block_tables[0][: -(-ctx_len // block_size)]
+            if (np.diff(used) == 1).all():
+                ctx_slot0 = int(used[0]) * block_size
+            else:  # per-position slots only when the blocks are scattered
+                ctx_slots = mx.array(_slots(block_tables[0], np.arange(ctx_len), block_size).astype(np.int32))
         groups.append(AttnGroup(mx.array(tok), mx.array(qpos), mx.array(table), rows, in_order=in_order,
                                 ctx_len=ctx_len, ctx_slot0=ctx_slot0, ctx_slots=ctx_slots))
         order_parts.append(tok.reshape(-1)[flat_valid])
@@ -153,6 +150,11 @@ def build_step_metadata(
     out_order = np.empty(total, dtype=np.int32)
     out_order[concat_rows] = np.arange(total, dtype=np.int32)
     return StepMetadata(mx.array(positions), mx.array(slots), groups, mx.array(out_order), one_run)
+
+
+def _slots(table: np.ndarray, pos: np.ndarray, block_size: int) -> np.ndarray:
+    """Flat pool slot of each position ``pos`` of a sequence with block table ``table``."""
+    return table[pos // block_size] * block_size + pos % block_size
 
 
 def paged_attention(
@@ -181,15 +183,9 @@ def paged_attention(
         q = q.reshape(s, lq, -1, dk).transpose(0, 2, 1, 3)
         k = k_pool.reshape(num_blocks, block_size, kvh, dk)[g.block_table].reshape(s, nb * block_size, kvh, dk)
         v = v_pool.reshape(num_blocks, block_size, kvh, dv)[g.block_table].reshape(s, nb * block_size, kvh, dv)
-        if g.exact_context(window):
-            # One sequence: cut K/V to its exact length; then decode needs no mask and a prefill
-            # chunk is bottom-right causal, both of which SDPA does without a mask array.
-            k, v = k[:, : g.ctx_len], v[:, : g.ctx_len]
-            mask = None if lq == 1 else "causal"
-        else:
-            mask = g.mask(window, block_size)
         o = mx.fast.scaled_dot_product_attention(
-            q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), scale=scale, mask=mask, sinks=sinks
+            q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), scale=scale,
+            mask=g.mask(window, block_size), sinks=sinks,
         )
         o = o.transpose(0, 2, 1, 3).reshape(s * lq, -1, dv)
         outs.append(o if g.valid_rows is None else o[g.valid_rows])
