@@ -42,6 +42,10 @@ class _PendingStep:
     num_reqs: int
     partial: list[bool]  # request still in prefill after this step: its sample is discarded
     prompt_rows: dict[str, tuple[int, int, int]]  # req_id -> (first logits row, count, start pos)
+    num_tokens: int = 0
+    num_decode: int = 0
+    started: float = 0.0  # perf_counter at execute_model entry
+    forward_s: float = 0.0  # execute_model's own time (state update, metadata, forward, eval)
 
 
 class MetalModelRunner:
@@ -70,6 +74,7 @@ class MetalModelRunner:
         self.mlx_caches: MlxManagedCaches | None = None  # VLLM_METAL_USE_PAGED_ATTENTION=0
         self._pending: _PendingStep | None = None
         self._verified = False
+        self._last_step_end = 0.0  # VLLM_METAL_DEBUG step timing
         # req_id -> what the scheduler last said of it (named when its token history disagrees)
         self._last_update: dict[str, tuple] = {}
 
@@ -299,15 +304,8 @@ class MetalModelRunner:
             meta = build_step_metadata(lens, starts, tables, self.block_size)
             tokens = mx.array(np.concatenate(token_parts).astype(np.int32))
             logits = self._forward(tokens, meta, mx.array(np.asarray(rows, dtype=np.int32)))
-        self._pending = _PendingStep(so, logits, num_reqs, partial, prompt_rows)
-        if self.debug:
-            restored = self.mlx_caches.restored_tokens if self.mlx_caches is not None else 0
-            logger.info(
-                "vllm-metal step: %d reqs, %d tokens (%d decode), forward %.1f ms, KV %.1f MiB, "
-                "prefix tokens restored from snapshots so far %d",
-                num_reqs, int(cu[-1]), lens.count(1), (time.perf_counter() - t0) * 1e3,
-                (self.kv or self.mlx_caches).nbytes() / 2**20, restored,
-            )
+        self._pending = _PendingStep(so, logits, num_reqs, partial, prompt_rows, int(cu[-1]),
+                                     lens.count(1), t0, time.perf_counter() - t0)
         return None
 
     def _forward_mlx_managed(self, lens, starts, prompt_rows) -> mx.array:
@@ -329,6 +327,7 @@ class MetalModelRunner:
         return self.mlx_caches.forward(works, prompt_lens)
 
     def sample_tokens(self, grammar_output) -> ModelRunnerOutput:
+        entered = time.perf_counter()
         pending, self._pending = self._pending, None
         if pending is None:
             return EMPTY_MODEL_RUNNER_OUTPUT
@@ -364,12 +363,33 @@ class MetalModelRunner:
             batch.num_tokens_no_spec[i] = end + 1
             self.requests[req_id].output_token_ids.append(token)
 
-        return ModelRunnerOutput(
+        output = ModelRunnerOutput(
             req_ids=list(batch.req_ids),
             req_id_to_index=dict(batch.req_id_to_index),
             sampled_token_ids=sampled_lists,
             logprobs=out.logprobs_tensors.tolists() if out.logprobs_tensors is not None else None,
             prompt_logprobs_dict=self._prompt_logprobs(logits, pending.prompt_rows),
+        )
+        if self.debug:
+            self._log_step(pending, entered)
+        return output
+
+    def _log_step(self, pending: _PendingStep, sample_entered: float) -> None:
+        """VLLM_METAL_DEBUG: one line per step, its host time split where the engine calls us:
+        ``forward`` (execute_model), ``between`` (until sample_tokens is called), ``sample``, and
+        ``outside`` (from the previous step's sample to this execute_model: scheduling, outputs)."""
+        now = time.perf_counter()
+        outside = (pending.started - self._last_step_end) * 1e3 if self._last_step_end else float("nan")
+        self._last_step_end = now
+        restored = self.mlx_caches.restored_tokens if self.mlx_caches is not None else 0
+        logger.info(
+            "vllm-metal step: %d reqs, %d tokens (%d decode), forward %.2f ms, between %.2f ms, "
+            "sample %.2f ms, outside %.2f ms, KV %.1f MiB, prefix tokens restored from snapshots "
+            "so far %d",
+            pending.num_reqs, pending.num_tokens, pending.num_decode, pending.forward_s * 1e3,
+            (sample_entered - pending.started - pending.forward_s) * 1e3,
+            (now - sample_entered) * 1e3, outside,
+            (self.kv or self.mlx_caches).nbytes() / 2**20, restored,
         )
 
     def _prompt_logprobs(self, logits: torch.Tensor, prompt_rows) -> dict[str, LogprobsTensors | None]:
