@@ -7,6 +7,12 @@ Each path is a real ``vllm serve`` (``VLLM_METAL_USE_PAGED_ATTENTION=1`` / ``=0`
 SmolLM2-135M fp32 checkpoint, driven by ``benchmarks.load`` (streaming chat, EOS suppressed so each
 answer is exactly ``--max-tokens`` long) over the first ``--num-prompts`` of the fixed mixed-length
 prompt set at each concurrency. Reports mean/p99 TTFT, mean TPOT, output tok/s and paged/MLX ratios.
+
+Both servers run side by side and the paths take turns: each concurrency level is split into
+rounds (at most ``--rounds``, each of at least 4 x concurrency prompts), and every round's prompts go
+to both paths, in the order AB, BA, AB, ... A single stream is host-bound (kernel launches), and on
+a shared host its speed drifts by tens of percent within minutes; measured one path after the other,
+that drift lands in the ratio. Taking turns spreads it over both paths.
 """
 
 from __future__ import annotations
@@ -46,6 +52,14 @@ def _fmt(x: float, digits: int = 1) -> str:
     return "n/a" if x is None or math.isnan(x) else f"{x:.{digits}f}"
 
 
+def rounds(prompts: list[str], concurrency: int, max_rounds: int) -> list[list[str]]:
+    """Consecutive chunks of ``prompts`` for taking turns: at most ``max_rounds``, each at least
+    4 x ``concurrency`` prompts long (so a round still runs at full concurrency), at least one."""
+    n = max(1, min(max_rounds, len(prompts) // (4 * concurrency)))
+    bounds = [round(i * len(prompts) / n) for i in range(n + 1)]
+    return [prompts[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
 def table(results: dict) -> str:
     """Markdown: one row per concurrency, both paths and the paged/MLX ratios."""
     paged, mlx = results["vllm-metal-paged"], results["vllm-metal-mlx-cache"]
@@ -73,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-prompts", type=int, default=100)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--kv-cache-gib", type=float, default=1.0)
+    ap.add_argument("--rounds", type=int, default=10, help="turns each path takes per concurrency level")
     ap.add_argument("--out", type=Path, default=Path("/tmp/vllm-metal-bench/paged_vs_mlx_cache.json"))
     args = ap.parse_args(argv)
 
@@ -84,29 +99,35 @@ def main(argv: list[str] | None = None) -> int:
     bias = eos_logit_bias(models.hf)
     prompts = sweep_prompts(args.num_prompts)
     count = _token_counter(models.hf)
-    results: dict = {}
-    for cls in (VllmMetalPaged, VllmMetalMlxCache):
-        server = cls(setup)
-        server.start(timeout=600)
-        print(f"{server.name}: up in {server.startup_s:.1f}s", flush=True)
-        try:
-            per_level = {}
-            for c in args.concurrency:
-                res, wall = asyncio.run(run_clients(server.base_url, server.model_id, prompts,
-                                                    args.max_tokens, c, bias, count))
-                per_level[str(c)] = summarize(res, wall) | {"num_prompts": len(prompts)}
-                m = per_level[str(c)]
-                print(f"  c={c}: {_fmt(m['output_throughput'])} tok/s, TTFT {_fmt(m['mean_ttft_ms'])} "
-                      f"ms (p99 {_fmt(m['p99_ttft_ms'])}), TPOT {_fmt(m['mean_tpot_ms'])} ms, "
-                      f"{m['completed']}/{len(prompts)} ok", flush=True)
-            results[server.name] = per_level
-        finally:
+    servers = [cls(setup) for cls in (VllmMetalPaged, VllmMetalMlxCache)]
+    results: dict = {s.name: {} for s in servers}
+    try:
+        for server in servers:
+            server.start(timeout=600)
+            print(f"{server.name}: up in {server.startup_s:.1f}s", flush=True)
+        for c in args.concurrency:
+            chunks = rounds(prompts, c, args.rounds)
+            runs = {s.name: ([], 0.0) for s in servers}
+            for i, chunk in enumerate(chunks):
+                for server in (servers if i % 2 == 0 else servers[::-1]):
+                    res, wall = asyncio.run(run_clients(server.base_url, server.model_id, chunk,
+                                                        args.max_tokens, c, bias, count))
+                    done, total = runs[server.name]
+                    runs[server.name] = (done + res, total + wall)
+            for server in servers:
+                m = summarize(*runs[server.name]) | {"num_prompts": len(prompts), "rounds": len(chunks)}
+                results[server.name][str(c)] = m
+                print(f"  {server.name} c={c} ({len(chunks)} rounds): {_fmt(m['output_throughput'])} tok/s, "
+                      f"TTFT {_fmt(m['mean_ttft_ms'])} ms (p99 {_fmt(m['p99_ttft_ms'])}), TPOT "
+                      f"{_fmt(m['mean_tpot_ms'])} ms, {m['completed']}/{len(prompts)} ok", flush=True)
+    finally:
+        for server in servers:
             server.stop()
     md = table(results)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": machine.describe(),
             "versions": machine.versions(), "device": args.device,
             "command": "python -m benchmarks.paged_vs_mlx_cache " + " ".join(sys.argv[1:] if argv is None else argv),
-            "num_prompts": args.num_prompts, "max_tokens": args.max_tokens}
+            "num_prompts": args.num_prompts, "max_tokens": args.max_tokens, "rounds": args.rounds}
     args.out.write_text(json.dumps({"meta": meta, "results": results, "markdown": md}, indent=1))
     print(md)
     return 0
