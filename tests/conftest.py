@@ -73,6 +73,7 @@ def metal_worker(model_dir: Path, *, dtype: str, max_model_len: int, num_blocks:
         spec = next(iter(specs.values()))
         worker.initialize_from_config(KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[],
                                                     kv_cache_groups=[KVCacheGroupSpec(list(specs), spec)]))
+        worker.compile_or_warm_up_model()  # as the engine does: its scratch steps must leave the pool be
     return worker
 
 

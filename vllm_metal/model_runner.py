@@ -153,13 +153,31 @@ class MetalModelRunner:
             mx.eval(scratch.forward([RequestWork("profile", [0] * num_tokens, 0, num_tokens, False)],
                                     {"profile": num_tokens}))
             return
-        blocks = -(-num_tokens // self.block_size) + 1
-        saved, self.kv = self.kv, PagedKVStore(self.loaded.specs, blocks, self.block_size, self.loaded.dtype)
+        self._scratch_forward([num_tokens], [0])
+
+    def warm_up(self, num_tokens: int) -> None:
+        """Run what serving runs before the first request does: a single-sequence prefill (the
+        mask-free path) and, on the paged path, a step of two sequences, a prefill chunk and a decode
+        (the masked block-table path). MLX's CUDA backend compiles kernels on first use; without this
+        the first concurrent requests wait for that (seconds of TTFT on a fresh H200)."""
+        num_tokens = max(2, min(num_tokens, self.max_model_len - 1))
+        self.profile_forward(num_tokens)
+        if self.paged:
+            self._scratch_forward([num_tokens - 1, 1], [0, num_tokens])
+
+    def _scratch_forward(self, lens: list[int], starts: list[int]) -> None:
+        """One step of ``lens`` tokens at ``starts`` through a scratch KV store (the real pool,
+        if allocated yet, is untouched): each sequence gets its own consecutive blocks."""
+        need = [-(-(s + n) // self.block_size) for n, s in zip(lens, starts, strict=True)]
+        first = np.cumsum([1] + need[:-1])  # block 0 stays unused, as in vLLM's pool
+        tables = [np.arange(f, f + k) for f, k in zip(first, need, strict=True)]
+        store = PagedKVStore(self.loaded.specs, 1 + sum(need), self.block_size, self.loaded.dtype)
+        saved, self.kv = self.kv, store
         try:
-            meta = build_step_metadata([num_tokens], [0], [np.arange(1, blocks)], self.block_size)
-            tokens = mx.zeros((num_tokens,), dtype=mx.int32)
-            logits = self._forward(tokens, meta, mx.array([num_tokens - 1]))
-            mx.eval(logits)
+            meta = build_step_metadata(lens, starts, tables, self.block_size)
+            tokens = mx.zeros((sum(lens),), dtype=mx.int32)
+            rows = mx.array(np.cumsum(lens).astype(np.int32) - 1)
+            mx.eval(self._forward(tokens, meta, rows))
         finally:
             self.kv = saved
 

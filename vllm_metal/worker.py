@@ -147,7 +147,7 @@ class MetalWorker(WorkerBase):
 
     def compile_or_warm_up_model(self) -> CompilationTimes:
         start = time.perf_counter()
-        self.model_runner.profile_forward(min(16, self.scheduler_config.max_num_batched_tokens))
+        self.model_runner.warm_up(min(16, self.scheduler_config.max_num_batched_tokens))
         logger.info("vllm-metal: warm-up took %.2fs", time.perf_counter() - start)
         return CompilationTimes(language_model=0.0, encoder=0.0)
 
