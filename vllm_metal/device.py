@@ -7,6 +7,7 @@ with neither, MLX's CPU backend is used and a warning says so.
 from __future__ import annotations
 
 import functools
+import time
 
 import mlx.core as mx
 import psutil
@@ -56,3 +57,24 @@ def device_memory_bytes() -> int:
             if info.get(key):
                 return int(info[key])
     return int(psutil.virtual_memory().total)
+
+
+class EvalTimer:
+    """``mx.eval`` for a step's arrays; when ``split`` is on (VLLM_METAL_DEBUG), timed in two parts:
+    ``launch_s`` (``mx.async_eval``: the host encodes and submits the kernels) and ``wait_s`` (until
+    the device is done). A single stream on a fast GPU is host-bound, and this says by how much."""
+
+    def __init__(self, split: bool = False):
+        self.split = split
+        self.launch_s = 0.0
+        self.wait_s = 0.0
+
+    def __call__(self, *arrays) -> None:
+        if not self.split:
+            mx.eval(*arrays)
+            return
+        t0 = time.perf_counter()
+        mx.async_eval(*arrays)
+        t1 = time.perf_counter()
+        mx.eval(*arrays)
+        self.launch_s, self.wait_s = t1 - t0, time.perf_counter() - t1

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
+from vllm_metal.device import EvalTimer
 from vllm_metal.loader import LoadedModel
 
 
@@ -79,8 +80,10 @@ class PrefixStore:
 class MlxManagedCaches:
     """Per-request mlx-lm caches and the per-request forward of the MLX-managed path."""
 
-    def __init__(self, loaded: LoadedModel, prefix_budget_bytes: int, block_size: int):
+    def __init__(self, loaded: LoadedModel, prefix_budget_bytes: int, block_size: int,
+                 evaluate: EvalTimer | None = None):
         self.loaded = loaded
+        self.evaluate = evaluate or EvalTimer()
         self.block_size = block_size
         self.caches: dict[str, list] = {}
         self.fed: dict[str, int] = {}  # tokens each request's cache holds
@@ -131,7 +134,7 @@ class MlxManagedCaches:
                 extra_rows.append(logits)
             touched.append((work, caches))
         out = mx.concatenate(last_rows + extra_rows, axis=0)
-        mx.eval(out, [a for _, caches in touched for a in _arrays(caches)])
+        self.evaluate(out, [a for _, caches in touched for a in _arrays(caches)])
         if self.prefix is not None:
             for work, caches in touched:
                 n = prompt_lens[work.req_id] // self.block_size * self.block_size

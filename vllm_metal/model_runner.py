@@ -26,7 +26,7 @@ from vllm.v1.worker.gpu_input_batch import CachedRequestState, InputBatch
 from vllm_metal import envs
 from vllm_metal.attention import PagedKVStore, PagedLayerCache, UnsupportedModelError, build_step_metadata
 from vllm_metal.bridge import mlx_to_torch
-from vllm_metal.device import device_memory_bytes
+from vllm_metal.device import EvalTimer, device_memory_bytes
 from vllm_metal.loader import LoadedModel, load, resolve_model_dir
 from vllm_metal.mlx_cache import MlxManagedCaches, RequestWork
 
@@ -46,6 +46,8 @@ class _PendingStep:
     num_decode: int = 0
     started: float = 0.0  # perf_counter at execute_model entry
     forward_s: float = 0.0  # execute_model's own time (state update, metadata, forward, eval)
+    launch_s: float = 0.0  # ...of which mx.async_eval (VLLM_METAL_DEBUG only)
+    wait_s: float = 0.0  # ...and waiting for the device
 
 
 class MetalModelRunner:
@@ -56,6 +58,7 @@ class MetalModelRunner:
         self.scheduler_config = vllm_config.scheduler_config
         self.envs = metal_envs or envs.load()
         self.debug = self.envs.debug
+        self.evaluate = EvalTimer(split=self.debug)  # the step's mx.eval (timed in parts when debugging)
         self.paged = self.envs.use_paged_attention
         self.device = torch.device("cpu")
         self.block_size = self.cache_config.block_size
@@ -130,7 +133,7 @@ class MetalModelRunner:
             prefix = 0
             if self.cache_config.enable_prefix_caching:
                 prefix = int(self.envs.prefix_cache_fraction * device_memory_bytes())
-            self.mlx_caches = MlxManagedCaches(self.loaded, prefix, self.block_size)
+            self.mlx_caches = MlxManagedCaches(self.loaded, prefix, self.block_size, self.evaluate)
             logger.info(
                 "vllm-metal: MLX-managed KV cache (per-request mlx-lm caches; vLLM accounts "
                 "%d blocks x %d tokens; prefix snapshots up to %.1f MiB)",
@@ -187,7 +190,7 @@ class MetalModelRunner:
         store.calls = 0
         caches = [PagedLayerCache(store, i, s.window) for i, s in enumerate(self.loaded.specs)]
         logits = self.loaded.logits(tokens, caches, rows)
-        mx.eval(logits, store.arrays())
+        self.evaluate(logits, store.arrays())
         if not self._verified:
             if store.calls != self.num_layers:
                 raise UnsupportedModelError(
@@ -323,7 +326,8 @@ class MetalModelRunner:
             tokens = mx.array(np.concatenate(token_parts).astype(np.int32))
             logits = self._forward(tokens, meta, mx.array(np.asarray(rows, dtype=np.int32)))
         self._pending = _PendingStep(so, logits, num_reqs, partial, prompt_rows, int(cu[-1]),
-                                     lens.count(1), t0, time.perf_counter() - t0)
+                                     lens.count(1), t0, time.perf_counter() - t0,
+                                     self.evaluate.launch_s, self.evaluate.wait_s)
         return None
 
     def _forward_mlx_managed(self, lens, starts, prompt_rows) -> mx.array:
@@ -394,17 +398,20 @@ class MetalModelRunner:
 
     def _log_step(self, pending: _PendingStep, sample_entered: float) -> None:
         """VLLM_METAL_DEBUG: one line per step, its host time split where the engine calls us:
-        ``forward`` (execute_model), ``between`` (until sample_tokens is called), ``sample``, and
-        ``outside`` (from the previous step's sample to this execute_model: scheduling, outputs)."""
+        ``forward`` (execute_model; of it, ``launch``: encoding and submitting the kernels, and
+        ``wait``: for the device; the rest is state, metadata and recording the graph), ``between``
+        (until sample_tokens is called), ``sample``, and ``outside`` (from the previous step's
+        sample to this execute_model: the engine's scheduling and output handling)."""
         now = time.perf_counter()
         outside = (pending.started - self._last_step_end) * 1e3 if self._last_step_end else float("nan")
         self._last_step_end = now
         restored = self.mlx_caches.restored_tokens if self.mlx_caches is not None else 0
         logger.info(
-            "vllm-metal step: %d reqs, %d tokens (%d decode), forward %.2f ms, between %.2f ms, "
-            "sample %.2f ms, outside %.2f ms, KV %.1f MiB, prefix tokens restored from snapshots "
-            "so far %d",
+            "vllm-metal step: %d reqs, %d tokens (%d decode), forward %.2f ms (launch %.2f ms, "
+            "wait %.2f ms), between %.2f ms, sample %.2f ms, outside %.2f ms, KV %.1f MiB, prefix "
+            "tokens restored from snapshots so far %d",
             pending.num_reqs, pending.num_tokens, pending.num_decode, pending.forward_s * 1e3,
+            pending.launch_s * 1e3, pending.wait_s * 1e3,
             (sample_entered - pending.started - pending.forward_s) * 1e3,
             (now - sample_entered) * 1e3, outside,
             (self.kv or self.mlx_caches).nbytes() / 2**20, restored,
