@@ -6,6 +6,7 @@
 #   scripts/gpu/run.sh paged     # paged vs MLX-managed KV path, concurrency 1/8/32, 100 prompts
 #   scripts/gpu/run.sh compare   # the benchmark suite's sweep: vllm-metal vs mlx_lm.server, 1..64 clients
 #   scripts/gpu/run.sh decode    # single-stream decode vs the bandwidth limit, plugin vs mlx_lm.generate
+#   scripts/gpu/run.sh steps     # a served c=1 step's host time split (VLLM_METAL_DEBUG), paged vs MLX-managed
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
@@ -20,5 +21,6 @@ case "${1:-tests}" in
   compare) python3 -m benchmarks.compare --device gpu --no-protocol --sweep --systems vllm-metal mlx-lm \
              --concurrency 1 2 4 8 16 32 64 --out "$out/compare.json" "${@:2}" ;;
   decode)  python3 -m benchmarks.decode_roofline --out "$out/decode.json" "${@:2}" ;;
-  *) echo "usage: $0 tests|paged|compare|decode [args]"; exit 2 ;;
+  steps)   python3 -m benchmarks.served_steps --device gpu --out "$out/served_steps.json" "${@:2}" ;;
+  *) echo "usage: $0 tests|paged|compare|decode|steps [args]"; exit 2 ;;
 esac
