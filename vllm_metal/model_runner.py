@@ -162,11 +162,10 @@ class MetalModelRunner:
         """Run what serving runs before the first request does: a single-sequence prefill (the
         mask-free path) and, on the paged path, a step of two sequences, a prefill chunk and a decode
         (the masked block-table path). MLX's CUDA backend compiles kernels on first use; without this
-        the first concurrent requests wait for that (seconds of TTFT on a fresh H200)."""
-        num_tokens = max(2, min(num_tokens, self.max_model_len - 1))
+        the first concurrent requests would wait for that compilation."""
         self.profile_forward(num_tokens)
-        if self.paged:
-            self._scratch_forward([num_tokens - 1, 1], [0, num_tokens])
+        if self.paged and self.max_model_len > 3:  # the smallest such step: 2 + 1 rows
+            self._scratch_forward([2, 1], [0, 2])
 
     def _scratch_forward(self, lens: list[int], starts: list[int]) -> None:
         """One step of ``lens`` tokens at ``starts`` through a scratch KV store (the real pool,
