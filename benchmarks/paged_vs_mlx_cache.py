@@ -60,6 +60,20 @@ def rounds(prompts: list[str], concurrency: int, max_rounds: int) -> list[list[s
     return [prompts[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
+def take_turns(servers: list, chunks: list[list[str]], max_tokens: int, concurrency: int,
+               bias: dict[str, float], count) -> dict[str, tuple[list, float]]:
+    """Each chunk to every server in turn (order AB, BA, ...): per server, all request results and
+    the summed wall time, which ``benchmarks.load.summarize`` takes."""
+    runs: dict[str, tuple[list, float]] = {s.name: ([], 0.0) for s in servers}
+    for i, chunk in enumerate(chunks):
+        for server in (servers if i % 2 == 0 else servers[::-1]):
+            res, wall = asyncio.run(run_clients(server.base_url, server.model_id, chunk, max_tokens,
+                                                concurrency, bias, count))
+            done, total = runs[server.name]
+            runs[server.name] = (done + res, total + wall)
+    return runs
+
+
 def table(results: dict) -> str:
     """Markdown: one row per concurrency, both paths and the paged/MLX ratios."""
     paged, mlx = results["vllm-metal-paged"], results["vllm-metal-mlx-cache"]
@@ -107,13 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{server.name}: up in {server.startup_s:.1f}s", flush=True)
         for c in args.concurrency:
             chunks = rounds(prompts, c, args.rounds)
-            runs = {s.name: ([], 0.0) for s in servers}
-            for i, chunk in enumerate(chunks):
-                for server in (servers if i % 2 == 0 else servers[::-1]):
-                    res, wall = asyncio.run(run_clients(server.base_url, server.model_id, chunk,
-                                                        args.max_tokens, c, bias, count))
-                    done, total = runs[server.name]
-                    runs[server.name] = (done + res, total + wall)
+            runs = take_turns(servers, chunks, args.max_tokens, c, bias, count)
             for server in servers:
                 m = summarize(*runs[server.name]) | {"num_prompts": len(prompts), "rounds": len(chunks)}
                 results[server.name][str(c)] = m

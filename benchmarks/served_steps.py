@@ -24,7 +24,7 @@ from pathlib import Path
 
 from benchmarks import machine
 from benchmarks.load import run_clients, summarize
-from benchmarks.paged_vs_mlx_cache import VllmMetalMlxCache, VllmMetalPaged, rounds
+from benchmarks.paged_vs_mlx_cache import VllmMetalMlxCache, VllmMetalPaged, rounds, take_turns
 from benchmarks.prompts import eos_logit_bias, sweep_prompts
 from benchmarks.sweep import _token_counter
 from benchmarks.systems import Setup
@@ -75,19 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     bias, count = eos_logit_bias(models.hf), _token_counter(models.hf)
     prompts = sweep_prompts(args.num_prompts)
     servers = [_debug(cls, not args.no_prefix_caching)(setup) for cls in (VllmMetalPaged, VllmMetalMlxCache)]
-    runs = {s.name: ([], 0.0) for s in servers}
     marks: dict[str, int] = {}
     try:
         for server in servers:
             server.start(timeout=600)
             asyncio.run(run_clients(server.base_url, server.model_id, prompts[:2], 8, 1, bias, count))
             marks[server.name] = len(server.log_path.read_text(errors="replace"))  # after warm-up
-        for i, chunk in enumerate(rounds(prompts, 1, args.rounds)):
-            for server in (servers if i % 2 == 0 else servers[::-1]):
-                res, wall = asyncio.run(run_clients(server.base_url, server.model_id, chunk,
-                                                    args.max_tokens, 1, bias, count))
-                done, total = runs[server.name]
-                runs[server.name] = (done + res, total + wall)
+        runs = take_turns(servers, rounds(prompts, 1, args.rounds), args.max_tokens, 1, bias, count)
         logs = {s.name: s.log_path.read_text(errors="replace")[marks[s.name]:] for s in servers}
     finally:
         for server in servers:
