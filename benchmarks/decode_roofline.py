@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import httpx
 import mlx.core as mx
 
+from benchmarks.served_steps import decode_steps
 from benchmarks.systems import Setup, VllmMetal
 
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
@@ -80,7 +80,7 @@ def plugin_rate(setup: Setup, dtype: str, n: int) -> dict:
         log = server.log_path.read_text()
     finally:
         server.stop()
-    forwards = [float(x) for x in re.findall(r"\(1 decode\), forward ([\d.]+) ms", log)]
+    forwards = [step["forward"] for step in decode_steps(log)]
     rate = (len(stamps) - 1) / (stamps[-1] - stamps[0])
     return {"tok_s": rate, "ms_per_token": 1000 / rate,
             "forward_ms_median": statistics.median(forwards[-n // 2:]) if forwards else None}
