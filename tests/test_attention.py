@@ -236,9 +236,9 @@ def test_paged_attention_single_group(kind):
 @pytest.mark.parametrize("window", [None, 7, 1000], ids=["full", "window7", "window-wide"])
 @pytest.mark.parametrize("kind", ["decode", "prefill_chunk"])
 def test_paged_attention_single_sequence(kind, window, blocks):
-    """One sequence in the step (single-stream serving), through the general masked op and the
-    layer cache's mask-free path: K/V cut to the exact context and SDPA
-    without a mask array (decode) or bottom-right causal (prefill chunk on a cached prefix). A
+    """One sequence in the step (single-stream serving), through the general masked op and through
+    the layer cache's mask-free path: K/V cut to the exact context and SDPA without a mask array
+    (decode) or bottom-right causal (prefill chunk on a cached prefix). A
     window shorter than the context: a decode token attends the window's last keys, still with no
     mask; a chunk falls back to the masked path. When its blocks are consecutive in the pool, K/V
     are a slice of it and the write is a slice write; when scattered, one gather by slot."""

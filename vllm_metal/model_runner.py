@@ -179,7 +179,7 @@ class MetalModelRunner:
             meta = build_step_metadata(lens, starts, tables, self.block_size)
             tokens = mx.zeros((sum(lens),), dtype=mx.int32)
             rows = mx.array(np.cumsum(lens).astype(np.int32) - 1)
-            mx.eval(self._forward(tokens, meta, rows))
+            self._forward(tokens, meta, rows)  # evaluates the logits and the pools
         finally:
             self.kv = saved
 
