@@ -150,6 +150,19 @@ def test_runner_protocol_is_pinned_to_v1(models, monkeypatch):
             _engine_config(models)
 
 
+@pytest.mark.parametrize(("preset", "expected"), [(None, str(1 << 20)), ("50", "50")])
+def test_kv_pool_bytes_do_not_split_command_buffers(models, monkeypatch, preset, expected):
+    """MLX ends a GPU command buffer after MLX_MAX_MB_PER_BUFFER of inputs, and each K/V write
+    reads its layer's whole pool: the plugin raises the limit (a user's value wins)."""
+    monkeypatch.setenv("MLX_MAX_MB_PER_BUFFER", "x")  # teardown restores the original
+    if preset is None:
+        monkeypatch.delenv("MLX_MAX_MB_PER_BUFFER")
+    else:
+        monkeypatch.setenv("MLX_MAX_MB_PER_BUFFER", preset)
+    _engine_config(models)
+    assert os.environ.get("MLX_MAX_MB_PER_BUFFER") == expected
+
+
 @pytest.mark.parametrize(("dtype", "preset", "expected"),
                          [("float32", None, "0"), ("float32", "1", "1"), ("bfloat16", None, None)])
 def test_float32_turns_tf32_off_unless_set(models, monkeypatch, dtype, preset, expected):
