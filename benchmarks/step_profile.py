@@ -74,11 +74,12 @@ def _ablated_cache(skip: str):
 def paged_loop(loaded, prompt: list[int], steps: int, num_blocks: int, block_size: int = 16,
                skip: str | None = None, scattered: bool = False) -> dict:
     """The plugin's paged step: host metadata, one packed forward, one eval (as ``_forward``)."""
-    from vllm_metal.attention import PagedKVStore, PagedLayerCache, build_step_metadata
+    from vllm_metal.attention import PagedKVStore, build_step_metadata
 
     store = PagedKVStore(loaded.specs, num_blocks, block_size, loaded.dtype)
-    cls = PagedLayerCache if skip is None else _ablated_cache(skip)
-    caches = [cls(store, i, s.window) for i, s in enumerate(loaded.specs)]
+    caches = store.layers if skip is None else [
+        _ablated_cache(skip)(store, i, s.window) for i, s in enumerate(loaded.specs)
+    ]
     need = -(-(len(prompt) + steps + 1) // block_size)
     ids = np.arange(1, num_blocks)  # what vLLM's allocator hands one request on a fresh pool
     table = (np.random.default_rng(0).permutation(ids) if scattered else ids)[:need].astype(np.int32)
@@ -87,7 +88,7 @@ def paged_loop(loaded, prompt: list[int], steps: int, num_blocks: int, block_siz
         t0 = time.perf_counter()
         store.step = build_step_metadata([len(ids)], [start], [table], block_size)
         tokens = mx.array(np.asarray(ids, dtype=np.int32))
-        rows = mx.array([len(ids) - 1])
+        rows = None if len(ids) == 1 else mx.array([len(ids) - 1])  # as the runner: decode selects none
         t1 = time.perf_counter()
         logits = loaded.logits(tokens, caches, rows)
         t2 = time.perf_counter()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -30,18 +31,34 @@ class UnsupportedModelError(ValueError):
 
 @dataclass
 class AttnGroup:
-    """Sequences attended together: queries padded to ``Lq``, K/V gathered to ``nb`` blocks."""
+    """Sequences attended together: queries padded to ``Lq``, K/V gathered to ``nb`` blocks.
 
-    token_index: mx.array  # (S, Lq) rows of the packed batch; padding repeats a valid row
-    q_pos: mx.array  # (S, Lq) absolute position of each query (padding: 0)
-    block_table: mx.array  # (S, nb) block ids (padding: 0)
+    The index arrays stay NumPy until the masked path asks for them: a single-sequence step (the
+    mask-free path) never does, and each ``mx.array`` made is host work on a host-bound step.
+    """
+
+    tok: np.ndarray  # (S, Lq) rows of the packed batch; padding repeats a valid row
+    qpos: np.ndarray  # (S, Lq) absolute position of each query (padding: 0)
+    table: np.ndarray  # (S, nb) block ids (padding: 0)
     valid_rows: mx.array | None  # flattened (s, l) entries that are real tokens; None = all
     masks: dict[int | None, mx.array] = field(default_factory=dict)  # window -> (S,1,Lq,ctx)
-    in_order: bool = False  # token_index is 0..T-1 (no padding): queries need no gather
+    in_order: bool = False  # tok is 0..T-1 (no padding): queries need no gather
     ctx_len: int | None = None  # one sequence: its exact context length (mask-free fast path)
     ctx_slot0: int | None = None  # ...whose blocks are consecutive in the pool: its first slot
     ctx_slots: mx.array | None = None  # ...whose blocks are not: the slot of each context position
     _slots_from: dict[int, mx.array] = field(default_factory=dict)
+
+    @cached_property
+    def token_index(self) -> mx.array:
+        return mx.array(self.tok)
+
+    @cached_property
+    def q_pos(self) -> mx.array:
+        return mx.array(self.qpos)
+
+    @cached_property
+    def block_table(self) -> mx.array:
+        return mx.array(self.table)
 
     def visible_from(self, window: int | None) -> int | None:
         """One sequence that needs no mask array: the first context position every query sees.
@@ -53,7 +70,7 @@ class AttnGroup:
             return None
         if window is None or self.ctx_len <= window:
             return 0
-        return self.ctx_len - window if self.token_index.shape[1] == 1 else None
+        return self.ctx_len - window if self.tok.shape[1] == 1 else None
 
     def read_context(self, pool: mx.array, start: int) -> mx.array:
         """Rows ``start:ctx_len`` of this one sequence's context from a ``(slots, ...)`` pool:
@@ -67,7 +84,7 @@ class AttnGroup:
 
     def mask(self, window: int | None, block_size: int) -> mx.array:
         if window not in self.masks:
-            ctx = self.block_table.shape[1] * block_size
+            ctx = self.table.shape[1] * block_size
             kv = mx.arange(ctx, dtype=mx.int32)[None, None, None, :]
             q = self.q_pos[:, None, :, None]
             m = kv <= q
@@ -82,10 +99,15 @@ class StepMetadata:
     """Everything the attention of one step needs, built once on the host and shared by layers."""
 
     positions: mx.array  # (T,) int32
-    slot_mapping: mx.array  # (T,) int32 flat slot of each token's K/V
+    slots: np.ndarray  # (T,) int32 flat slot of each token's K/V
     groups: list[AttnGroup]
     out_order: mx.array | None  # (T,) packed token -> row of the group outputs; None = identity
     slot_range: tuple[int, int] | None = None  # the step's slots form one run [a, b): slice write
+
+    @cached_property
+    def slot_mapping(self) -> mx.array:
+        """The slots as an MLX index (the scatter write; a step whose slots are one run slices)."""
+        return mx.array(self.slots)
 
 
 def build_step_metadata(
@@ -140,16 +162,16 @@ def build_step_metadata(
                 ctx_slot0 = int(used[0]) * block_size
             else:  # per-position slots only when the blocks are scattered
                 ctx_slots = mx.array(_slots(block_tables[0], np.arange(ctx_len), block_size).astype(np.int32))
-        groups.append(AttnGroup(mx.array(tok), mx.array(qpos), mx.array(table), rows, in_order=in_order,
+        groups.append(AttnGroup(tok, qpos, table, rows, in_order=in_order,
                                 ctx_len=ctx_len, ctx_slot0=ctx_slot0, ctx_slots=ctx_slots))
         order_parts.append(tok.reshape(-1)[flat_valid])
     one_run = (int(slots[0]), int(slots[-1]) + 1) if (np.diff(slots) == 1).all() else None
     concat_rows = np.concatenate(order_parts)
     if (concat_rows == np.arange(total)).all():
-        return StepMetadata(mx.array(positions), mx.array(slots), groups, None, one_run)
+        return StepMetadata(mx.array(positions), slots, groups, None, one_run)
     out_order = np.empty(total, dtype=np.int32)
     out_order[concat_rows] = np.arange(total, dtype=np.int32)
-    return StepMetadata(mx.array(positions), mx.array(slots), groups, mx.array(out_order), one_run)
+    return StepMetadata(mx.array(positions), slots, groups, mx.array(out_order), one_run)
 
 
 def _slots(table: np.ndarray, pos: np.ndarray, block_size: int) -> np.ndarray:
@@ -177,8 +199,8 @@ def paged_attention(
     dv = v_pool.shape[-1]
     outs = []
     for g in meta.groups:
-        s, lq = g.token_index.shape
-        nb = g.block_table.shape[1]
+        s, lq = g.tok.shape
+        nb = g.table.shape[1]
         q = queries if g.in_order else queries[g.token_index.reshape(-1)]
         q = q.reshape(s, lq, -1, dk).transpose(0, 2, 1, 3)
         k = k_pool.reshape(num_blocks, block_size, kvh, dk)[g.block_table].reshape(s, nb * block_size, kvh, dk)
@@ -210,6 +232,7 @@ class PagedKVStore:
         mx.eval(self.k, self.v)
         self.step: StepMetadata | None = None
         self.calls = 0
+        self.layers = [PagedLayerCache(self, i, s.window) for i, s in enumerate(specs)]  # the model's caches
 
     def arrays(self) -> list[mx.array]:
         return self.k + self.v

@@ -49,15 +49,17 @@ class LoadedModel:
     dtype: mx.Dtype
     weight_bytes: int
 
-    def logits(self, tokens: mx.array, caches: list, rows: mx.array) -> mx.array:
-        """Run the packed batch ``(T,)`` and return logits ``(len(rows), vocab)``."""
+    def logits(self, tokens: mx.array, caches: list, rows: mx.array | None) -> mx.array:
+        """Run the packed batch ``(T,)`` and return logits ``(len(rows), vocab)``; ``rows=None``:
+        every row, ``(T, vocab)``."""
         if self.row_select is not None:
             self.row_select.rows = rows
             out = self.model(tokens[:, None], cache=caches)
             self.row_select.rows = None
             return out.reshape(out.shape[0], -1)
         out = self.model(tokens[:, None], cache=caches)
-        return out.reshape(out.shape[0], -1)[rows]
+        out = out.reshape(out.shape[0], -1)
+        return out if rows is None else out[rows]
 
     def logits_1xn(self, tokens: mx.array, caches: list, rows: mx.array) -> mx.array:
         """One sequence ``(1, n)`` through mlx-lm caches (the MLX-managed path): ``(len(rows), vocab)``."""

@@ -24,7 +24,7 @@ from vllm.v1.sample.sampler import Sampler
 from vllm.v1.worker.gpu_input_batch import CachedRequestState, InputBatch
 
 from vllm_metal import envs
-from vllm_metal.attention import PagedKVStore, PagedLayerCache, UnsupportedModelError, build_step_metadata
+from vllm_metal.attention import PagedKVStore, UnsupportedModelError, build_step_metadata
 from vllm_metal.bridge import mlx_to_torch
 from vllm_metal.device import EvalTimer, device_memory_bytes
 from vllm_metal.loader import LoadedModel, load, resolve_model_dir
@@ -183,12 +183,11 @@ class MetalModelRunner:
         finally:
             self.kv = saved
 
-    def _forward(self, tokens: mx.array, meta, rows: mx.array) -> mx.array:
+    def _forward(self, tokens: mx.array, meta, rows: mx.array | None) -> mx.array:
         store = self.kv
         store.step = meta
         store.calls = 0
-        caches = [PagedLayerCache(store, i, s.window) for i, s in enumerate(self.loaded.specs)]
-        logits = self.loaded.logits(tokens, caches, rows)
+        logits = self.loaded.logits(tokens, store.layers, rows)
         self.evaluate(logits, store.arrays())
         if not self._verified:
             if store.calls != self.num_layers:
@@ -323,7 +322,8 @@ class MetalModelRunner:
         else:
             meta = build_step_metadata(lens, starts, tables, self.block_size)
             tokens = mx.array(np.concatenate(token_parts).astype(np.int32))
-            logits = self._forward(tokens, meta, mx.array(np.asarray(rows, dtype=np.int32)))
+            decode_only = not prompt_rows and lens.count(1) == len(lens)  # every row's logits, in order
+            logits = self._forward(tokens, meta, None if decode_only else mx.array(np.asarray(rows, dtype=np.int32)))
         self._pending = _PendingStep(so, logits, num_reqs, partial, prompt_rows, int(cu[-1]),
                                      lens.count(1), t0, time.perf_counter() - t0,
                                      self.evaluate.launch_s, self.evaluate.wait_s)
