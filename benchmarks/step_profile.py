@@ -86,7 +86,7 @@ def paged_loop(loaded, prompt: list[int], steps: int, num_blocks: int, block_siz
 
     def step(ids: list[int], start: int) -> tuple[float, float, float, int]:
         t0 = time.perf_counter()
-        store.step = build_step_metadata([len(ids)], [start], [table], block_size)
+        store.step = build_step_metadata([len(ids)], [start], [table], block_size, store.block_slots)
         tokens = mx.array(np.asarray(ids, dtype=np.int32))
         rows = None if len(ids) == 1 else mx.array([len(ids) - 1])  # as the runner: decode selects none
         t1 = time.perf_counter()

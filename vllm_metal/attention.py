@@ -45,7 +45,7 @@ class AttnGroup:
     in_order: bool = False  # tok is 0..T-1 (no padding): queries need no gather
     ctx_len: int | None = None  # one sequence: its exact context length (mask-free fast path)
     ctx_slot0: int | None = None  # ...whose blocks are consecutive in the pool: its first slot
-    ctx_slots: mx.array | None = None  # ...whose blocks are not: the slot of each context position
+    ctx_slots: mx.array | None = None  # ...whose blocks are not: the slots of its used blocks (>= ctx_len)
     _slots_from: dict[int, mx.array] = field(default_factory=dict)
 
     @cached_property
@@ -79,7 +79,7 @@ class AttnGroup:
         if self.ctx_slot0 is not None:
             return pool[self.ctx_slot0 + start : self.ctx_slot0 + self.ctx_len]
         if start not in self._slots_from:
-            self._slots_from[start] = self.ctx_slots if start == 0 else self.ctx_slots[start:]
+            self._slots_from[start] = self.ctx_slots[start : self.ctx_len]
         return pool[self._slots_from[start]]
 
     def mask(self, window: int | None, block_size: int) -> mx.array:
@@ -115,11 +115,13 @@ def build_step_metadata(
     seq_start_pos: list[int],
     block_tables: list[np.ndarray],
     block_size: int,
+    block_slots: BlockSlots | None = None,
 ) -> StepMetadata:
     """Pack sequences (query lengths, first positions, block ids) into one step's metadata.
 
     Sequences appear in the packed batch in the given order. ``block_tables[i]`` must cover
-    every position up to ``seq_start_pos[i] + seq_lens_q[i] - 1``.
+    every position up to ``seq_start_pos[i] + seq_lens_q[i] - 1``. ``block_slots`` (the store's)
+    keeps the slot arrays of scattered single sequences across steps.
     """
     lens = np.asarray(seq_lens_q, dtype=np.int64)
     starts = np.asarray(seq_start_pos, dtype=np.int64)
@@ -161,7 +163,7 @@ def build_step_metadata(
             if (np.diff(used) == 1).all():
                 ctx_slot0 = int(used[0]) * block_size
             else:  # per-position slots only when the blocks are scattered
-                ctx_slots = mx.array(_slots(block_tables[0], np.arange(ctx_len), block_size).astype(np.int32))
+                ctx_slots = (block_slots or BlockSlots(block_size))(used)
         groups.append(AttnGroup(tok, qpos, table, rows, in_order=in_order,
                                 ctx_len=ctx_len, ctx_slot0=ctx_slot0, ctx_slots=ctx_slots))
         order_parts.append(tok.reshape(-1)[flat_valid])
@@ -172,6 +174,28 @@ def build_step_metadata(
     out_order = np.empty(total, dtype=np.int32)
     out_order[concat_rows] = np.arange(total, dtype=np.int32)
     return StepMetadata(mx.array(positions), slots, groups, mx.array(out_order), one_run)
+
+
+class BlockSlots:
+    """The flat slots of a list of blocks as an MLX index, made once per list: a request reading
+    scattered blocks (one that started on prefix-cached blocks) gets a new block every
+    ``block_size`` tokens, not every step, and each array made from host data is host work on a
+    host-bound step. Keeps the most recent lists."""
+
+    def __init__(self, block_size: int, keep: int = 64):
+        self.block_size = block_size
+        self.keep = keep
+        self.arrays: dict[bytes, mx.array] = {}
+
+    def __call__(self, blocks: np.ndarray) -> mx.array:
+        key = blocks.astype(np.int32).tobytes()
+        found = self.arrays.get(key)
+        if found is None:
+            slots = blocks[:, None].astype(np.int32) * self.block_size + np.arange(self.block_size, dtype=np.int32)
+            found = self.arrays[key] = mx.array(slots.reshape(-1))
+            if len(self.arrays) > self.keep:
+                del self.arrays[next(iter(self.arrays))]
+        return found
 
 
 def _slots(table: np.ndarray, pos: np.ndarray, block_size: int) -> np.ndarray:
@@ -233,6 +257,7 @@ class PagedKVStore:
         self.step: StepMetadata | None = None
         self.calls = 0
         self.layers = [PagedLayerCache(self, i, s.window) for i, s in enumerate(specs)]  # the model's caches
+        self.block_slots = BlockSlots(block_size)
 
     def arrays(self) -> list[mx.array]:
         return self.k + self.v
