@@ -1,7 +1,7 @@
 """Where a served single-stream decode step's host time goes, paged vs the MLX-managed KV path.
 
     python -m benchmarks.served_steps [--device cpu|gpu] [--num-prompts 24] [--max-tokens 64]
-        [--rounds 4] [--no-prefix-caching] [--out results.json]
+        [--rounds 6] [--no-prefix-caching] [--out results.json]
 
 Both paths run as real ``vllm serve`` with ``VLLM_METAL_DEBUG=1``, side by side, taking turns over
 the same sequential streamed chat requests (as ``paged_vs_mlx_cache`` does). Each one-token decode
@@ -14,7 +14,6 @@ request fresh consecutive blocks (no prefix hit, so no gather on the paged path)
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import re
 import statistics
@@ -23,8 +22,8 @@ import time
 from pathlib import Path
 
 from benchmarks import machine
-from benchmarks.load import run_clients, summarize
-from benchmarks.paged_vs_mlx_cache import VllmMetalMlxCache, VllmMetalPaged, rounds, take_turns
+from benchmarks.load import summarize
+from benchmarks.paged_vs_mlx_cache import VllmMetalMlxCache, VllmMetalPaged, rounds, take_turns, warm_up
 from benchmarks.prompts import eos_logit_bias, sweep_prompts
 from benchmarks.sweep import _token_counter
 from benchmarks.systems import Setup
@@ -39,6 +38,45 @@ _DECODE_STEP = re.compile(
 def decode_steps(log: str) -> list[dict[str, float]]:
     """Every single-sequence one-token step of a ``VLLM_METAL_DEBUG=1`` server log, in ms."""
     return [dict(zip(FIELDS, map(float, m.groups()), strict=True)) for m in _DECODE_STEP.finditer(log)]
+
+
+def request_steps(log: str) -> list[list[dict[str, float]]]:
+    """The one-token decode steps of each single-stream request, in order: a step that decodes no
+    token (a prefill chunk) starts the next request; requests without decode steps are dropped."""
+    requests: list[list[dict[str, float]]] = []
+    for line in log.splitlines():
+        if "vllm-metal step: 1 reqs" not in line:
+            continue
+        if "(0 decode)" in line:
+            if not requests or requests[-1]:
+                requests.append([])
+        elif requests and (m := _DECODE_STEP.search(line)):
+            requests[-1].append(dict(zip(FIELDS, map(float, m.groups()), strict=True)))
+    return [r for r in requests if r]
+
+
+def host_ms(step: dict[str, float]) -> float:
+    """A step's host time outside the launch and the wait: state, metadata, recording the graph."""
+    return step["forward"] - step["launch"] - step["wait"]
+
+
+def turns(requests: list[list[dict[str, float]]], sizes: list[int]) -> list[dict[str, float]]:
+    """Per turn (``sizes``: requests per turn, in order): medians of forward, launch, and host time on
+    a request's first two decode steps and from its eleventh on. A path's first turn after start-up
+    and a request's first steps after its prefill have each differed from the rest."""
+    out, i = [], 0
+    for n in sizes:
+        reqs, i = requests[i : i + n], i + n
+        steps = [s for r in reqs for s in r]
+        if not steps:
+            continue
+        first = [host_ms(s) for r in reqs for s in r[:2]]
+        later = [host_ms(s) for r in reqs for s in r[10:]]
+        out.append({"requests": len(reqs), "forward": statistics.median(s["forward"] for s in steps),
+                    "launch": statistics.median(s["launch"] for s in steps),
+                    "host_first_steps": statistics.median(first),
+                    "host_later_steps": statistics.median(later) if later else float("nan")})
+    return out
 
 
 def medians(steps: list[dict[str, float]]) -> dict[str, float]:
@@ -63,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", choices=("cpu", "gpu"), default="gpu")
     ap.add_argument("--num-prompts", type=int, default=24)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=6, help="turns per path (at most; 4+ requests each)")
     ap.add_argument("--no-prefix-caching", action="store_true")
     ap.add_argument("--out", type=Path, default=Path("/tmp/vllm-metal-bench/served_steps.json"))
     args = ap.parse_args(argv)
@@ -75,13 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     bias, count = eos_logit_bias(models.hf), _token_counter(models.hf)
     prompts = sweep_prompts(args.num_prompts)
     servers = [_debug(cls, not args.no_prefix_caching)(setup) for cls in (VllmMetalPaged, VllmMetalMlxCache)]
-    marks: dict[str, int] = {}
     try:
         for server in servers:
             server.start(timeout=600)
-            asyncio.run(run_clients(server.base_url, server.model_id, prompts[:2], 8, 1, bias, count))
-            marks[server.name] = len(server.log_path.read_text(errors="replace"))  # after warm-up
-        runs = take_turns(servers, rounds(prompts, 1, args.rounds), args.max_tokens, 1, bias, count)
+        warm_up(servers, prompts, bias, count)
+        marks = {s.name: len(s.log_path.read_text(errors="replace")) for s in servers}  # after warm-up
+        chunks = rounds(prompts, 1, args.rounds)
+        runs = take_turns(servers, chunks, args.max_tokens, 1, bias, count)
         logs = {s.name: s.log_path.read_text(errors="replace")[marks[s.name]:] for s in servers}
     finally:
         for server in servers:
@@ -91,12 +129,19 @@ def main(argv: list[str] | None = None) -> int:
         steps = decode_steps(log)
         client = summarize(*runs[name])
         results[name] = {"steps": len(steps), "median_ms": medians(steps),
-                         "client_tpot_ms": client["mean_tpot_ms"], "completed": client["completed"]}
+                         "client_tpot_ms": client["mean_tpot_ms"], "completed": client["completed"],
+                         "turns": turns(request_steps(log), [len(c) for c in chunks])}
     lines = ["| path | steps | client TPOT ms | " + " | ".join(f"{f} ms" for f in FIELDS) + " |",
              "| --- " * (3 + len(FIELDS)) + "|"]
     for name, r in results.items():
         cells = " | ".join(f"{r['median_ms'].get(f, float('nan')):.2f}" for f in FIELDS)
         lines.append(f"| {name} | {r['steps']} | {r['client_tpot_ms']:.2f} | {cells} |")
+    lines += ["", "| path | turn | requests | forward ms | launch ms | host ms, decode steps 1-2 | "
+              "host ms, steps 11+ |", "| --- " * 7 + "|"]
+    for name, r in results.items():
+        for k, t in enumerate(r["turns"], 1):
+            lines.append(f"| {name} | {k} | {t['requests']} | {t['forward']:.2f} | {t['launch']:.2f} | "
+                         f"{t['host_first_steps']:.2f} | {t['host_later_steps']:.2f} |")
     md = "\n".join(lines) + "\n"
     meta = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": machine.describe(),
             "versions": machine.versions(), "device": args.device,

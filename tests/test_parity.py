@@ -140,10 +140,12 @@ def test_mlx_managed_cache_path_keeps_tokens(models, prompts, sequential):
         assert "MLX-managed KV cache" in log
         # VLLM_METAL_DEBUG splits each step's host time where the engine calls the runner, in the
         # format benchmarks.served_steps parses (the last request decoded alone).
-        from benchmarks.served_steps import decode_steps
+        from benchmarks.served_steps import decode_steps, request_steps
 
         steps = decode_steps(log)
         assert len(steps) >= N_NEW - 1, log[-2000:]
+        # ...and splits them by request: the long prompt's prefill chunks, then one step per token
+        assert len(request_steps(log)[-1]) == len(sequential[long_prompt]) - 1, log[-2000:]
         for s in steps:  # launch and wait are parts of forward (each printed to 0.01 ms)
             assert s["forward"] > 0 and s["launch"] > 0 and s["sample"] > 0, s
             assert s["launch"] + s["wait"] <= s["forward"] + 0.02, s
