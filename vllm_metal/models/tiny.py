@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -296,8 +297,18 @@ UNSUPPORTED = TinySpec(
 BY_NAME = {s.name: s for s in (*SPECS, UNSUPPORTED)}
 
 
+_BUILD_LOCK = threading.Lock()
+
+
 def build(spec: TinySpec, out: Path, tokenizer_dir: Path | None = None) -> Path:
-    """Write ``spec``'s checkpoint (fp32 safetensors, config, tokenizer) into ``out``."""
+    """Write ``spec``'s checkpoint (fp32 safetensors, config, tokenizer) into ``out``.
+
+    Safe next to other threads using transformers: its ``from_pretrained`` swaps
+    ``PreTrainedModel.tie_weights`` for a no-op process-wide while it loads, and a build that ran
+    meanwhile (the model tests build in threads while the main thread loads references) once saved
+    a gemma4 checkpoint with an untied ``lm_head.weight``, which mlx-lm refused. So tied embeddings
+    are tied here explicitly, and builds take turns (the seeded weights use the global RNG).
+    """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -308,11 +319,14 @@ def build(spec: TinySpec, out: Path, tokenizer_dir: Path | None = None) -> Path:
     cfg = dict(spec.config)
     model_type = cfg.pop("model_type")
     config = AutoConfig.for_model(model_type, **cfg)
-    torch.manual_seed(SEED)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    _widen_init(model, spec.embed_std)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    with _BUILD_LOCK:
+        torch.manual_seed(SEED)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        if getattr(config, "tie_word_embeddings", False):
+            model.get_output_embeddings().weight = model.get_input_embeddings().weight
+        _widen_init(model, spec.embed_std)
+        model.save_pretrained(out, safe_serialization=True)
     for name in _TOKENIZER_FILES:
         if (tokenizer_dir / name).exists():
             shutil.copy(tokenizer_dir / name, out / name)
