@@ -46,7 +46,10 @@ def _hf_model(hf_dir: Path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+    from vllm_metal.models.tiny import TRANSFORMERS_LOCK
+
+    with TRANSFORMERS_LOCK:  # test_models builds tiny checkpoints in threads meanwhile
+        model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
     return model.eval()
 
 

@@ -297,7 +297,8 @@ UNSUPPORTED = TinySpec(
 BY_NAME = {s.name: s for s in (*SPECS, UNSUPPORTED)}
 
 
-_BUILD_LOCK = threading.Lock()
+# Held while transformers constructs a model in a process that may do so from several threads.
+TRANSFORMERS_LOCK = threading.Lock()
 
 
 def build(spec: TinySpec, out: Path, tokenizer_dir: Path | None = None) -> Path:
@@ -307,7 +308,8 @@ def build(spec: TinySpec, out: Path, tokenizer_dir: Path | None = None) -> Path:
     ``PreTrainedModel.tie_weights`` for a no-op process-wide while it loads, and a build that ran
     meanwhile (the model tests build in threads while the main thread loads references) once saved
     a gemma4 checkpoint with an untied ``lm_head.weight``, which mlx-lm refused. So tied embeddings
-    are tied here explicitly, and builds take turns (the seeded weights use the global RNG).
+    are tied here explicitly, and constructions take turns under TRANSFORMERS_LOCK (the seeded
+    weights also use the global RNG).
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -320,7 +322,7 @@ def build(spec: TinySpec, out: Path, tokenizer_dir: Path | None = None) -> Path:
     model_type = cfg.pop("model_type")
     config = AutoConfig.for_model(model_type, **cfg)
     out.mkdir(parents=True, exist_ok=True)
-    with _BUILD_LOCK:
+    with TRANSFORMERS_LOCK:
         torch.manual_seed(SEED)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         if getattr(config, "tie_word_embeddings", False):
