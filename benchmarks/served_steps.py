@@ -35,9 +35,13 @@ _DECODE_STEP = re.compile(
 )
 
 
+def _step(match: re.Match) -> dict[str, float]:
+    return dict(zip(FIELDS, map(float, match.groups()), strict=True))
+
+
 def decode_steps(log: str) -> list[dict[str, float]]:
     """Every single-sequence one-token step of a ``VLLM_METAL_DEBUG=1`` server log, in ms."""
-    return [dict(zip(FIELDS, map(float, m.groups()), strict=True)) for m in _DECODE_STEP.finditer(log)]
+    return [_step(m) for m in _DECODE_STEP.finditer(log)]
 
 
 def request_steps(log: str) -> list[list[dict[str, float]]]:
@@ -51,7 +55,7 @@ def request_steps(log: str) -> list[list[dict[str, float]]]:
             if not requests or requests[-1]:
                 requests.append([])
         elif requests and (m := _DECODE_STEP.search(line)):
-            requests[-1].append(dict(zip(FIELDS, map(float, m.groups()), strict=True)))
+            requests[-1].append(_step(m))
     return [r for r in requests if r]
 
 

@@ -191,8 +191,8 @@ class BlockSlots:
         key = blocks.astype(np.int32).tobytes()
         found = self.arrays.get(key)
         if found is None:
-            slots = blocks[:, None].astype(np.int32) * self.block_size + np.arange(self.block_size, dtype=np.int32)
-            found = self.arrays[key] = mx.array(slots.reshape(-1))
+            slots = _slots(blocks, np.arange(len(blocks) * self.block_size), self.block_size)
+            found = self.arrays[key] = mx.array(slots.astype(np.int32))
             if len(self.arrays) > self.keep:
                 del self.arrays[next(iter(self.arrays))]
         return found
