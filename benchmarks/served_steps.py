@@ -1,7 +1,7 @@
 """Where a served single-stream decode step's host time goes, paged vs the MLX-managed KV path.
 
     python -m benchmarks.served_steps [--device cpu|gpu] [--num-prompts 24] [--max-tokens 64]
-        [--rounds 6] [--no-prefix-caching] [--out results.json]
+        [--rounds 6] [--no-prefix-caching] [--kv-cache-gib 1.0] [--out results.json]
 
 Both paths run as real ``vllm serve`` with ``VLLM_METAL_DEBUG=1``, side by side, taking turns over
 the same sequential streamed chat requests (as ``paged_vs_mlx_cache`` does). Each one-token decode
@@ -107,13 +107,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=6, help="turns per path (at most; 4+ requests each)")
     ap.add_argument("--no-prefix-caching", action="store_true")
+    ap.add_argument("--kv-cache-gib", type=float, default=1.0,
+                    help="--kv-cache-memory-bytes of both servers (the paged pool's size)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/vllm-metal-bench/served_steps.json"))
     args = ap.parse_args(argv)
 
     models = ensure_default_models()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     setup = Setup(hf=models.hf, mlx=models.mlx, gguf=None, device=args.device, max_model_len=2048,
-                  max_num_seqs=8, kv_cache_gib=1.0, log_dir=args.out.parent / "logs")
+                  max_num_seqs=8, kv_cache_gib=args.kv_cache_gib, log_dir=args.out.parent / "logs")
     bias, count = eos_logit_bias(models.hf), _token_counter(models.hf)
     prompts = sweep_prompts(args.num_prompts)
     servers = [_debug(cls, not args.no_prefix_caching)(setup) for cls in (VllmMetalPaged, VllmMetalMlxCache)]
