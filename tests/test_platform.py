@@ -150,17 +150,21 @@ def test_runner_protocol_is_pinned_to_v1(models, monkeypatch):
             _engine_config(models)
 
 
-@pytest.mark.parametrize(("preset", "expected"), [(None, str(1 << 20)), ("50", "50")])
-def test_kv_pool_bytes_do_not_split_command_buffers(models, monkeypatch, preset, expected):
+@pytest.mark.parametrize(("name", "preset", "expected"), [
+    ("MLX_MAX_MB_PER_BUFFER", None, str(1 << 20)), ("MLX_MAX_MB_PER_BUFFER", "50", "50"),
+    ("MLX_ENABLE_CACHE_THRASHING_CHECK", None, "0"), ("MLX_ENABLE_CACHE_THRASHING_CHECK", "1", "1"),
+])
+def test_mlx_encoder_defaults(models, monkeypatch, name, preset, expected):
     """MLX ends a GPU command buffer after MLX_MAX_MB_PER_BUFFER of inputs, and each K/V write
-    reads its layer's whole pool: the plugin raises the limit (a user's value wins)."""
-    monkeypatch.setenv("MLX_MAX_MB_PER_BUFFER", "x")  # teardown restores the original
+    reads its layer's whole pool: the plugin raises the limit. MLX-CUDA's graph-cache check
+    raises after 800 misses in a process's life: the plugin turns it off. A user's value wins."""
+    monkeypatch.setenv(name, "x")  # teardown restores the original
     if preset is None:
-        monkeypatch.delenv("MLX_MAX_MB_PER_BUFFER")
+        monkeypatch.delenv(name)
     else:
-        monkeypatch.setenv("MLX_MAX_MB_PER_BUFFER", preset)
+        monkeypatch.setenv(name, preset)
     _engine_config(models)
-    assert os.environ.get("MLX_MAX_MB_PER_BUFFER") == expected
+    assert os.environ.get(name) == expected
 
 
 @pytest.mark.parametrize(("dtype", "preset", "expected"),

@@ -30,8 +30,13 @@ def gpu_backend() -> str | None:
 # to MLX_MAX_MB_PER_BUFFER megabytes (1000 on an H100/H200). Each K/V write reads its layer's whole
 # pool (it updates it in place), so a pool of a few GB cut every decode step into extra buffers:
 # +0.3 ms of launch per step, served, on an H200 (benchmarks.served_steps). The kernel count
-# (MLX_MAX_OPS_PER_BUFFER) still bounds each buffer. A value the user sets is kept.
-MLX_ENV_DEFAULTS = {"MLX_MAX_MB_PER_BUFFER": str(1 << 20)}
+# (MLX_MAX_OPS_PER_BUFFER) still bounds each buffer.
+# MLX's CUDA backend caches the CUDA graphs it builds (MLX_CUDA_GRAPH_CACHE_SIZE, 400, least recently
+# used out) and by default raises "Cache thrashing is happening" on every miss once a process has
+# missed 800 times in its life (MLX_ENABLE_CACHE_THRASHING_CHECK): a server's steps keep changing
+# composition, so that could end a long-running engine, not just slow it. MLX's tests turn it off.
+# MLX 0.32.4 reads all of these when a GPU stream's encoder is made. A value the user sets is kept.
+MLX_ENV_DEFAULTS = {"MLX_MAX_MB_PER_BUFFER": str(1 << 20), "MLX_ENABLE_CACHE_THRASHING_CHECK": "0"}
 
 
 def configure_mlx() -> None:
