@@ -1,7 +1,8 @@
 """Shared fixtures: the bundled real model, live `vllm serve` processes, reference generators.
 
 Servers are expensive on a 2-core CPU machine (about 35 s to start), so each configuration is
-started once per session and shared by every test that needs it.
+started once per session and shared by every test that needs it (under `scripts/test.sh`'s two
+pytest-xdist workers: once per worker that runs such a test).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Session fixtures shared by the reliability modules; test modules load this file with
 ``pytest_plugins = ("reliability.fixtures",)`` (and never import it: pytest must import a plugin
-itself to rewrite its asserts) so each server starts once per session."""
+itself to rewrite its asserts) so each server starts once per session (per pytest-xdist worker)."""
 
 from __future__ import annotations
 
