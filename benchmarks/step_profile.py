@@ -7,8 +7,9 @@ No server, no scheduler: the same loaded model runs (a) mlx-lm's ``KVCache`` loo
 per token as the plugin is, and (b) the plugin's paged step (``build_step_metadata`` +
 ``PagedLayerCache`` + one ``mx.eval``): on consecutive blocks (what one request gets from a fresh
 pool: slice write, slice read) with a pool just big enough and with a large pool (a write that
-copied the pool would show there), and on scattered blocks (scatter write, gather read). Each step is split into host metadata,
-graph construction (Python + MLX op recording) and evaluation (device work + launch). Both loops
+copied the pool would show there), and on scattered blocks, which the store first swaps into
+consecutive ones as the runner does (once, then one block every 16 steps). Each step is split into
+host metadata, graph construction (Python + MLX op recording) and evaluation (device work + launch). Both loops
 decode greedily from the same prompt; their tokens are compared, so a faster variant that
 changed the answer would show.
 """
@@ -86,7 +87,8 @@ def paged_loop(loaded, prompt: list[int], steps: int, num_blocks: int, block_siz
 
     def step(ids: list[int], start: int) -> tuple[float, float, float, int]:
         t0 = time.perf_counter()
-        store.step = build_step_metadata([len(ids)], [start], [table], block_size, store.block_slots)
+        tables = store.physical_tables([table], [start + len(ids)])  # as the runner: placed consecutively
+        store.step = build_step_metadata([len(ids)], [start], tables, block_size)
         tokens = mx.array(np.asarray(ids, dtype=np.int32))
         rows = None if len(ids) == 1 else mx.array([len(ids) - 1])  # as the runner: decode selects none
         t1 = time.perf_counter()
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             ("paged_large_pool", paged_loop, {"num_blocks": large}),
             ("paged_scattered_blocks", paged_loop, {"num_blocks": small, "scattered": True}),
         ]
-        if args.ablations:  # priced on scattered blocks: the general scatter + gather path
+        if args.ablations:  # what the K/V write and the context read cost (scattered blocks)
             runs += [(f"ablation_no_{part}", paged_loop, {"num_blocks": small, "skip": part, "scattered": True})
                      for part in ("scatter", "gather")]
         for label, fn, kwargs in runs:

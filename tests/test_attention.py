@@ -332,6 +332,69 @@ def test_copy_blocks_every_layer():
                 np.testing.assert_array_equal(new_b[b], old_b[b])  # sources and others untouched
 
 
+def _random_store(num_blocks: int, bs: int, seed: int) -> PagedKVStore:
+    specs = [LayerSpec(4, 2, 8, 8, None), LayerSpec(2, 1, 16, 4, 5)]
+    store = PagedKVStore(specs, num_blocks, bs, mx.float32)
+    rng = np.random.default_rng(seed)
+    for pools in (store.k, store.v):
+        for i, pool in enumerate(pools):
+            pools[i] = mx.array(rng.standard_normal(pool.shape).astype(np.float32))
+    return store
+
+
+def _by_block_id(store: PagedKVStore) -> list[np.ndarray]:
+    """Every pool as ``(block id, block_size, ...)``: the contents each vLLM block id names."""
+    out = []
+    for a in store.arrays():
+        blocks = np.array(a).reshape(store.num_blocks, store.block_size, *a.shape[1:])
+        out.append(blocks[store.phys])
+    return out
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_place_consecutive_moves_blocks_with_their_contents(seed):
+    """One sequence's blocks, in any order (vLLM reuses freed blocks last-in first-out; a prefix
+    hit starts where the prefix was computed), end up one run of the pool, so its context is a
+    slice; every block id, the sequence's and the ones swapped out of the way, keeps its K/V."""
+    bs, num_blocks = 4, 12
+    store = _random_store(num_blocks, bs, seed)
+    want = _by_block_id(store)
+    rng = np.random.default_rng(seed)
+    lists = [np.array([9, 8, 7, 6]), np.array([11, 3]), rng.permutation(np.arange(1, num_blocks))[:7],
+             np.array([2, 5, 10]), np.arange(1, num_blocks)[::-1]]
+    for blocks in lists:
+        tables = store.physical_tables([blocks], [len(blocks) * bs - 1])  # last block partly used
+        where = tables[0]
+        np.testing.assert_array_equal(where, store.phys[blocks])
+        np.testing.assert_array_equal(np.diff(where), 1)
+        assert store.phys[0] == 0 and sorted(store.phys.tolist()) == list(range(num_blocks))
+        np.testing.assert_array_equal(store.owner[store.phys], np.arange(num_blocks))
+        for got, ref in zip(_by_block_id(store), want, strict=True):
+            np.testing.assert_array_equal(got, ref)
+    # A step of several sequences is only translated; scheduler block copies follow the ids.
+    before = store.phys.copy()
+    tables = store.physical_tables([np.array([3, 1]), np.array([5])], [8, 4])
+    np.testing.assert_array_equal(store.phys, before)
+    np.testing.assert_array_equal(tables[0], before[[3, 1]])
+    store.copy_blocks([(4, 2), (6, 9)])
+    for got, ref in zip(_by_block_id(store), want, strict=True):
+        ref[2], ref[9] = ref[4], ref[6]
+        np.testing.assert_array_equal(got, ref)
+
+
+def test_single_sequence_reads_one_slice_after_placement():
+    """The runner's order: place the step's blocks, then build the metadata on physical blocks;
+    a sequence on scattered blocks then attends through a pool slice and still matches."""
+    bs = 8
+    store = _random_store(16, bs, 5)
+    blocks = np.array([12, 4, 9])
+    tables = store.physical_tables([blocks], [20])
+    meta = build_step_metadata([1], [19], tables, bs)
+    (group,) = meta.groups
+    assert group.ctx_slot0 == int(store.phys[12]) * bs and group.ctx_slots is None
+    assert meta.slot_range == (int(store.phys[9]) * bs + 3, int(store.phys[9]) * bs + 4)
+
+
 @pytest.mark.skipif(not HAS_SINKS, reason="this MLX's fast SDPA has no `sinks` argument")
 @pytest.mark.parametrize("window", [None, 7], ids=["full", "window7"])
 @pytest.mark.parametrize("blocks", ["scattered", "consecutive"])

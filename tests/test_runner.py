@@ -104,3 +104,45 @@ def test_prefix_hit_and_batched_requests(runner, models):
     assert by_id["s"] == [want_short[0]]
     assert by_id["p"] == [want_long[1]]
     _step(runner, finished=["p", "q", "s"], scheduled={})
+
+
+
+
+def test_one_sequence_on_scattered_blocks(runner, models):
+    """vLLM hands a request blocks in any order (freed blocks come back last-in first-out; a prefix
+    hit starts wherever the prefix was computed), and the runner moves one sequence's blocks into
+    one run of the pool, moving the blocks in the way with their K/V. A request prefilling and
+    decoding alone on blocks 40, 39 and then 3 moves two blocks of a finished request (41, 42);
+    a request reusing those two blocks (a prefix hit) then runs batched and alone: every token
+    equals mlx-lm's greedy continuation."""
+    ids = prompt_ids(models.hf)[6][:30]
+    cached_ids = prompt_ids(models.hf)[7]  # 39 tokens: blocks 41, 42 full, 43 partly
+    short_ids = prompt_ids(models.hf)[0]
+    want, want_cached = mlx_greedy(models.mlx, ids, 5), mlx_greedy(models.mlx, cached_ids, 3)
+    out = _step(runner, new=[_new("p", cached_ids, [41, 42, 43])], scheduled={"p": 39})
+    assert out.sampled_token_ids == [want_cached[:1]]
+    _step(runner, finished=["p"], scheduled={})  # its full blocks stay in vLLM's prefix cache
+    out = _step(runner, new=[_new("r", ids, [40, 39])], scheduled={"r": 30})
+    got = out.sampled_token_ids[0]
+    for k in range(3):  # positions 30, 31, 32; position 32 opens the request's third block
+        new_blocks = [3] if 30 + k == 32 else None
+        out = _step(runner, cached=_cached("r", 30 + k, new_blocks=new_blocks, num_output=k + 1),
+                    scheduled={"r": 1})
+        got += out.sampled_token_ids[0]
+    assert got == want[:4]
+    out = _step(
+        runner,
+        new=[_new("h", cached_ids, [41, 42, 12], computed=32), _new("s", short_ids, [13])],
+        cached=_cached("r", 33, num_output=4),
+        scheduled={"r": 1, "h": 7, "s": len(short_ids)},
+    )
+    by_id = dict(zip(out.req_ids, out.sampled_token_ids, strict=True))
+    assert by_id["r"] == [want[4]]
+    assert by_id["s"] == [mlx_greedy(models.mlx, short_ids, 1)[0]]
+    got = by_id["h"]
+    for k in range(2):  # h alone: its blocks are placed consecutively in turn
+        out = _step(runner, cached=_cached("h", 39 + k, num_output=k + 1), scheduled={"h": 1},
+                    finished=["r", "s"] if k == 0 else ())
+        got += out.sampled_token_ids[0]
+    assert got == want_cached
+    _step(runner, finished=["h"], scheduled={})

@@ -12,6 +12,11 @@ block table, with a causal (and sliding-window) mask built from absolute positio
 Python loop over requests runs per layer. A step of one sequence (single-stream serving) skips
 the mask: ``PagedLayerCache`` reads exactly its visible context (a pool slice, or one gather by
 slot) and ``paged_attention`` stays the general masked op.
+
+vLLM's block ids name blocks; where a block's K/V lie in the pool is ours (``PagedKVStore.phys``).
+Before a step of one sequence the store swaps blocks so that sequence's context is one slice of
+the pool: vLLM reuses freed blocks last-in first-out and a prefix hit starts wherever the prefix
+was computed, and reading scattered blocks costs two gathers per layer and step.
 """
 
 from __future__ import annotations
@@ -115,14 +120,14 @@ def build_step_metadata(
     seq_start_pos: list[int],
     block_tables: list[np.ndarray],
     block_size: int,
-    block_slots: BlockSlots | None = None,
 ) -> StepMetadata:
-    """Pack sequences (query lengths, first positions, block ids) into one step's metadata.
+    """Pack sequences (query lengths, first positions, physical blocks) into one step's metadata.
 
     Sequences appear in the packed batch in the given order. ``block_tables[i]`` must cover
-    every position up to ``seq_start_pos[i] + seq_lens_q[i] - 1``. ``block_slots`` (the store's)
-    keeps the slot arrays of scattered single sequences across steps.
+    every position up to ``seq_start_pos[i] + seq_lens_q[i] - 1``.
     """
+    if len(seq_lens_q) == 1:
+        return _one_sequence(int(seq_lens_q[0]), int(seq_start_pos[0]), block_tables[0], block_size)
     lens = np.asarray(seq_lens_q, dtype=np.int64)
     starts = np.asarray(seq_start_pos, dtype=np.int64)
     cu = np.concatenate([[0], np.cumsum(lens)])
@@ -156,16 +161,7 @@ def build_step_metadata(
         flat_valid = valid.reshape(-1)
         rows = None if flat_valid.all() else mx.array(np.flatnonzero(flat_valid).astype(np.int32))
         in_order = s * lq == total and bool((tok.reshape(-1) == np.arange(total)).all())
-        ctx_len = ctx_slot0 = ctx_slots = None
-        if len(lens) == 1:
-            ctx_len = int(starts[0] + lens[0])
-            used = block_tables[0][: -(-ctx_len // block_size)]
-            if (np.diff(used) == 1).all():
-                ctx_slot0 = int(used[0]) * block_size
-            else:  # per-position slots only when the blocks are scattered
-                ctx_slots = (block_slots or BlockSlots(block_size))(used)
-        groups.append(AttnGroup(tok, qpos, table, rows, in_order=in_order,
-                                ctx_len=ctx_len, ctx_slot0=ctx_slot0, ctx_slots=ctx_slots))
+        groups.append(AttnGroup(tok, qpos, table, rows, in_order=in_order))
         order_parts.append(tok.reshape(-1)[flat_valid])
     one_run = (int(slots[0]), int(slots[-1]) + 1) if (np.diff(slots) == 1).all() else None
     concat_rows = np.concatenate(order_parts)
@@ -176,26 +172,32 @@ def build_step_metadata(
     return StepMetadata(mx.array(positions), slots, groups, mx.array(out_order), one_run)
 
 
-class BlockSlots:
-    """The flat slots of a list of blocks as an MLX index, made once per list: a request reading
-    scattered blocks (one that started on prefix-cached blocks) gets a new block every
-    ``block_size`` tokens, not every step, and each array made from host data is host work on a
-    host-bound step. Keeps the most recent lists."""
+def _one_sequence(n: int, p0: int, table: np.ndarray, block_size: int) -> StepMetadata:
+    """``build_step_metadata`` for a step of one sequence (``n`` tokens from position ``p0``),
+    which also tells the mask-free path where the context lies. Single-stream serving runs it
+    every step on a host-bound GPU, so it makes a handful of NumPy arrays instead of packing."""
+    ctx_len = p0 + n
+    used = table[: -(-ctx_len // block_size)]
+    positions = np.arange(p0, ctx_len, dtype=np.int32)
+    ctx_slot0 = ctx_slots = None
+    if _is_run(used):
+        ctx_slot0 = int(used[0]) * block_size
+        slots = positions + np.int32(ctx_slot0)
+        one_run = (ctx_slot0 + p0, ctx_slot0 + ctx_len)
+    else:  # per-position slots only when the blocks are scattered
+        ctx_slots = mx.array(_slots(used, np.arange(len(used) * block_size), block_size).astype(np.int32))
+        slots = _slots(table, positions, block_size).astype(np.int32)
+        one_run = (int(slots[0]), int(slots[-1]) + 1) if (np.diff(slots) == 1).all() else None
+    group = AttnGroup(np.arange(n, dtype=np.int32)[None, :], positions[None, :],
+                      np.asarray(table, dtype=np.int32)[None, :], None, in_order=True,
+                      ctx_len=ctx_len, ctx_slot0=ctx_slot0, ctx_slots=ctx_slots)
+    return StepMetadata(mx.array(positions), slots, [group], None, one_run)
 
-    def __init__(self, block_size: int, keep: int = 64):
-        self.block_size = block_size
-        self.keep = keep
-        self.arrays: dict[bytes, mx.array] = {}
 
-    def __call__(self, blocks: np.ndarray) -> mx.array:
-        key = blocks.astype(np.int32).tobytes()
-        found = self.arrays.get(key)
-        if found is None:
-            slots = _slots(blocks, np.arange(len(blocks) * self.block_size), self.block_size)
-            found = self.arrays[key] = mx.array(slots.astype(np.int32))
-            if len(self.arrays) > self.keep:
-                del self.arrays[next(iter(self.arrays))]
-        return found
+def _is_run(a: np.ndarray) -> bool:
+    """``a`` (non-empty) counts up by one: for a few block ids Python is faster than NumPy's calls."""
+    first = int(a[0])
+    return a.tolist() == list(range(first, first + len(a)))
 
 
 def _slots(table: np.ndarray, pos: np.ndarray, block_size: int) -> np.ndarray:
@@ -245,6 +247,9 @@ class PagedKVStore:
     The singleton axis is the sequence axis of the ``(B, KVH, L, D)`` K/V that mlx-lm's attention
     hands its cache with ``B = T`` tokens and ``L = 1``: a step's K/V go in without a reshape, and
     one sequence's run of slots becomes SDPA's ``(1, KVH, ctx, D)`` with one transpose.
+
+    Block id ``b`` (vLLM's) keeps its K/V in physical block ``phys[b]``; ``phys`` is a permutation
+    that fixes the null block 0, and every read, write and copy goes through it.
     """
 
     def __init__(self, specs: list[LayerSpec], num_blocks: int, block_size: int, dtype: mx.Dtype):
@@ -254,10 +259,11 @@ class PagedKVStore:
         self.k = [mx.zeros((slots, s.kv_heads, 1, s.head_dim), dtype=dtype) for s in specs]
         self.v = [mx.zeros((slots, s.kv_heads, 1, s.v_head_dim), dtype=dtype) for s in specs]
         mx.eval(self.k, self.v)
+        self.phys = np.arange(num_blocks, dtype=np.int32)  # block id -> physical block
+        self.owner = np.arange(num_blocks, dtype=np.int32)  # physical block -> block id
         self.step: StepMetadata | None = None
         self.calls = 0
         self.layers = [PagedLayerCache(self, i, s.window) for i, s in enumerate(specs)]  # the model's caches
-        self.block_slots = BlockSlots(block_size)
 
     def arrays(self) -> list[mx.array]:
         return self.k + self.v
@@ -266,18 +272,50 @@ class PagedKVStore:
         return sum(a.nbytes for a in self.arrays())
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        """Copy whole blocks ``src -> dst`` in every layer (scheduler-requested block copies)."""
+        """Copy whole blocks ``src -> dst`` (block ids) in every layer (scheduler-requested copies)."""
         if not pairs:
             return
-        bs = self.block_size
-        src = np.concatenate([np.arange(s * bs, (s + 1) * bs) for s, _ in pairs])
-        dst = np.concatenate([np.arange(d * bs, (d + 1) * bs) for _, d in pairs])
-        src_i, dst_i = mx.array(src), mx.array(dst)
+        src, dst = (self.phys[np.array(ids, dtype=np.int64)] for ids in zip(*pairs, strict=True))
+        self._copy_physical(src, dst)
+        mx.eval(self.arrays())
+
+    def physical_tables(self, tables: list[np.ndarray], ctx_lens: list[int]) -> list[np.ndarray]:
+        """The step's block tables in physical blocks. A step of one sequence first has its used
+        blocks (those holding its ``ctx_lens[0]`` positions) placed consecutively."""
+        if len(tables) == 1:
+            self.place_consecutive(tables[0][: -(-ctx_lens[0] // self.block_size)])
+        return [self.phys[t] for t in tables]
+
+    def place_consecutive(self, blocks: np.ndarray) -> None:
+        """Swap physical blocks until ``blocks`` (block ids, in order) lie consecutively in the
+        pool, starting where the first one lies (or lower, at the pool's end). Each swapped-out
+        block's K/V move with it, so every block id keeps its contents. The moves are recorded
+        on the pools and run with the step's graph: about one block per ``block_size`` decode
+        steps, plus a request's first blocks when it starts."""
+        n = len(blocks)
+        where = self.phys[blocks]
+        if n < 2 or _is_run(where) or (blocks == 0).any():
+            return
+        before = self.phys.copy()
+        start = min(int(where[0]), self.num_blocks - n)  # >= 1: the n ids are distinct, none is 0
+        for target, b in enumerate(blocks, start):
+            here = self.phys[b]
+            if here != target:
+                other = self.owner[target]
+                self.phys[b], self.phys[other] = target, here
+                self.owner[target], self.owner[here] = b, other
+        moved = np.flatnonzero(self.phys != before)  # block ids whose K/V change place
+        self._copy_physical(before[moved], self.phys[moved])
+
+    def _copy_physical(self, src: np.ndarray, dst: np.ndarray) -> None:
+        """Record ``pool[block dst[i]] = pool[block src[i]]`` for every pool (reads happen first)."""
+        rows = np.arange(self.block_size)
+        src_i, dst_i = (mx.array((b[:, None] * self.block_size + rows).reshape(-1).astype(np.int32))
+                        for b in (src, dst))
         for pools in (self.k, self.v):
             for i, pool in enumerate(pools):
                 pool[dst_i] = pool[src_i]
                 pools[i] = pool
-        mx.eval(self.arrays())
 
 
 @dataclass(frozen=True)

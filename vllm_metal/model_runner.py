@@ -320,7 +320,8 @@ class MetalModelRunner:
         if self.mlx_caches is not None:
             logits = self._forward_mlx_managed(lens, starts, prompt_rows)
         else:
-            meta = build_step_metadata(lens, starts, tables, self.block_size, self.kv.block_slots)
+            tables = self.kv.physical_tables(tables, [s + n for s, n in zip(starts, lens, strict=True)])
+            meta = build_step_metadata(lens, starts, tables, self.block_size)
             tokens = mx.array(np.concatenate(token_parts).astype(np.int32))
             decode_only = not prompt_rows and lens.count(1) == len(lens)  # every row's logits, in order
             logits = self._forward(tokens, meta, None if decode_only else mx.array(np.asarray(rows, dtype=np.int32)))
