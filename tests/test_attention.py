@@ -20,6 +20,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from vllm_metal import attention
 from vllm_metal.attention import (
     LayerSpec,
     PagedKVStore,
@@ -380,6 +381,33 @@ def test_place_consecutive_moves_blocks_with_their_contents(seed):
     for got, ref in zip(_by_block_id(store), want, strict=True):
         ref[2], ref[9] = ref[4], ref[6]
         np.testing.assert_array_equal(got, ref)
+
+
+def test_place_consecutive_moves_few_blocks_in_place(monkeypatch):
+    """The run starts where most of the blocks already are (a prefix hit on block 1 followed by a
+    run moves one block), the pools are updated in place (no pool-sized copy: the moved rows
+    are read in an evaluation of their own), and a move over MAX_MOVE_BYTES is skipped."""
+    bs, num_blocks = 16, 2048
+    store = PagedKVStore([LayerSpec(4, 2, 64, 64, None)] * 4, num_blocks, bs, mx.float32)
+    for pools in (store.k, store.v):
+        for pool in pools:
+            pool[0:1] = mx.ones((1, 2, 1, 64))  # written once, as a served pool is
+    mx.eval(store.arrays())
+    blocks = np.array([1, 18, 19, 20, 21])
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    store.physical_tables([blocks], [5 * bs])
+    mx.eval(store.arrays())
+    pool_bytes = store.k[0].nbytes  # 4 MiB
+    assert mx.get_peak_memory() - base < pool_bytes // 4
+    np.testing.assert_array_equal(store.phys[blocks], [17, 18, 19, 20, 21])
+    assert store.phys[17] == 1 and (np.flatnonzero(store.phys != np.arange(num_blocks)) == [1, 17]).all()
+    monkeypatch.setattr(attention, "MAX_MOVE_BYTES", 2 * store.nbytes() // num_blocks)  # two blocks
+    before = store.phys.copy()
+    store.place_consecutive(np.array([300, 200, 100]))  # four blocks would move
+    np.testing.assert_array_equal(store.phys, before)
+    meta = build_step_metadata([1], [40], store.physical_tables([np.array([300, 200, 100])], [41]), bs)
+    assert meta.groups[0].ctx_slots is not None  # read by slot, still correct (tests above)
 
 
 def test_single_sequence_reads_one_slice_after_placement():

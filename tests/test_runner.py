@@ -112,7 +112,7 @@ def test_one_sequence_on_scattered_blocks(runner, models):
     """vLLM hands a request blocks in any order (freed blocks come back last-in first-out; a prefix
     hit starts wherever the prefix was computed), and the runner moves one sequence's blocks into
     one run of the pool, moving the blocks in the way with their K/V. A request prefilling and
-    decoding alone on blocks 40, 39 and then 3 moves two blocks of a finished request (41, 42);
+    decoding alone on blocks 40, 43 and then 3 moves two blocks of a finished request (41, 42);
     a request reusing those two blocks (a prefix hit) then runs batched and alone: every token
     equals mlx-lm's greedy continuation."""
     ids = prompt_ids(models.hf)[6][:30]
@@ -122,7 +122,7 @@ def test_one_sequence_on_scattered_blocks(runner, models):
     out = _step(runner, new=[_new("p", cached_ids, [41, 42, 43])], scheduled={"p": 39})
     assert out.sampled_token_ids == [want_cached[:1]]
     _step(runner, finished=["p"], scheduled={})  # its full blocks stay in vLLM's prefix cache
-    out = _step(runner, new=[_new("r", ids, [40, 39])], scheduled={"r": 30})
+    out = _step(runner, new=[_new("r", ids, [40, 43])], scheduled={"r": 30})
     got = out.sampled_token_ids[0]
     for k in range(3):  # positions 30, 31, 32; position 32 opens the request's third block
         new_blocks = [3] if 30 + k == 32 else None

@@ -29,6 +29,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+MAX_MOVE_BYTES = 64 * 2**20  # K/V one block placement may move (its rows are held twice meanwhile)
+
 
 class UnsupportedModelError(ValueError):
     """The model cannot run on the paged path; the message says why and what is supported."""
@@ -288,34 +290,44 @@ class PagedKVStore:
 
     def place_consecutive(self, blocks: np.ndarray) -> None:
         """Swap physical blocks until ``blocks`` (block ids, in order) lie consecutively in the
-        pool, starting where the first one lies (or lower, at the pool's end). Each swapped-out
-        block's K/V move with it, so every block id keeps its contents. The moves are recorded
-        on the pools and run with the step's graph: about one block per ``block_size`` decode
-        steps, plus a request's first blocks when it starts."""
+        pool, at the start that leaves the most of them in place. Each swapped-out block's K/V
+        move with it, so every block id keeps its contents: about one block per ``block_size``
+        decode steps, plus a request's first blocks when it starts (usually one or two, since
+        a prefix hit or a freed block is typically all that breaks the run). A move of more than
+        ``MAX_MOVE_BYTES`` is skipped; the step then reads the blocks by slot."""
         n = len(blocks)
         where = self.phys[blocks]
         if n < 2 or _is_run(where) or (blocks == 0).any():
             return
-        before = self.phys.copy()
-        start = min(int(where[0]), self.num_blocks - n)  # >= 1: the n ids are distinct, none is 0
+        starts, kept = np.unique(where - np.arange(n), return_counts=True)
+        ok = (starts >= 1) & (starts <= self.num_blocks - n)  # never the null block 0
+        start = int(starts[ok][np.argmax(kept[ok])]) if ok.any() else self.num_blocks - n
+        phys, owner = self.phys.copy(), self.owner.copy()
         for target, b in enumerate(blocks, start):
-            here = self.phys[b]
+            here = phys[b]
             if here != target:
-                other = self.owner[target]
-                self.phys[b], self.phys[other] = target, here
-                self.owner[target], self.owner[here] = b, other
-        moved = np.flatnonzero(self.phys != before)  # block ids whose K/V change place
-        self._copy_physical(before[moved], self.phys[moved])
+                other = owner[target]
+                phys[b], phys[other] = target, here
+                owner[target], owner[here] = b, other
+        moved = np.flatnonzero(phys != self.phys)  # block ids whose K/V change place
+        if len(moved) * self.nbytes() > MAX_MOVE_BYTES * self.num_blocks:
+            return
+        self._copy_physical(self.phys[moved], phys[moved])
+        self.phys, self.owner = phys, owner
 
     def _copy_physical(self, src: np.ndarray, dst: np.ndarray) -> None:
-        """Record ``pool[block dst[i]] = pool[block src[i]]`` for every pool (reads happen first)."""
+        """``pool[block dst[i]] = pool[block src[i]]`` in every pool. The rows are read and
+        evaluated first: MLX keeps an evaluation's input buffers until it completes, so a write
+        recorded in the same evaluation as a read of that pool would copy the whole pool."""
         rows = np.arange(self.block_size)
         src_i, dst_i = (mx.array((b[:, None] * self.block_size + rows).reshape(-1).astype(np.int32))
                         for b in (src, dst))
+        moved = [pool[src_i] for pool in self.arrays()]
+        mx.eval(moved)
+        mx.synchronize()
         for pools in (self.k, self.v):
-            for i, pool in enumerate(pools):
-                pool[dst_i] = pool[src_i]
-                pools[i] = pool
+            for pool in pools:
+                pool[dst_i] = moved.pop(0)
 
 
 @dataclass(frozen=True)
