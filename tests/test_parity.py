@@ -59,13 +59,14 @@ def test_prefix_cache_hit_keeps_tokens(server, prompts, sequential):
 
 @pytest.fixture(scope="module")
 def squeezed(models):
-    """Chunked prefill (64-token steps) and a KV budget of 56 blocks, so 16 concurrent requests
-    must be preempted; multiprocess executor with async scheduling, to cover that path too."""
+    """Chunked prefill (64-token steps) and a KV budget of 40 blocks, so 16 concurrent requests
+    must be preempted (the two 391-token ones alone need 50; with 56 blocks, one CI run in
+    several had none); multiprocess executor with async scheduling, to cover that path too."""
     block_bytes = 30 * 2 * 3 * 64 * 4 * 16  # layers x (K,V) x kv_heads x head_dim x fp32 x block
     srv = VllmServer(
         models.hf,
         ["--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "16",
-         "--max-num-batched-tokens", "64", "--kv-cache-memory-bytes", str(56 * block_bytes),
+         "--max-num-batched-tokens", "64", "--kv-cache-memory-bytes", str(40 * block_bytes),
          "--distributed-executor-backend", "mp", "--async-scheduling", "--no-enable-prefix-caching"],
         name="squeezed",
     )
