@@ -106,8 +106,6 @@ def test_prefix_hit_and_batched_requests(runner, models):
     _step(runner, finished=["p", "q", "s"], scheduled={})
 
 
-
-
 def test_one_sequence_on_scattered_blocks(runner, models):
     """vLLM hands a request blocks in any order (freed blocks come back last-in first-out; a prefix
     hit starts wherever the prefix was computed), and the runner moves one sequence's blocks into

@@ -322,12 +322,12 @@ class PagedKVStore:
         rows = np.arange(self.block_size)
         src_i, dst_i = (mx.array((b[:, None] * self.block_size + rows).reshape(-1).astype(np.int32))
                         for b in (src, dst))
-        moved = [pool[src_i] for pool in self.arrays()]
+        pools = self.arrays()
+        moved = [pool[src_i] for pool in pools]
         mx.eval(moved)
         mx.synchronize()
-        for pools in (self.k, self.v):
-            for pool in pools:
-                pool[dst_i] = moved.pop(0)
+        for pool, rows_moved in zip(pools, moved, strict=True):
+            pool[dst_i] = rows_moved  # updates the array object that self.k / self.v hold
 
 
 @dataclass(frozen=True)
