@@ -60,14 +60,19 @@ def test_prefix_cache_hit_keeps_tokens(server, prompts, sequential):
 @pytest.fixture(scope="module")
 def squeezed(models):
     """Chunked prefill (64-token steps) and a KV budget of 40 blocks, so 16 concurrent requests
-    must be preempted (the two 391-token ones alone need 50; with 56 blocks, one CI run in
-    several had none); multiprocess executor with async scheduling, to cover that path too."""
+    must be preempted; multiprocess executor with async scheduling, to cover that path too.
+
+    `--no-scheduler-reserve-full-isl` admits a request once its first chunk fits (vLLM 0.32's
+    default waits until the whole prompt fits, which leaves only decode growth to preempt: two
+    fresh-clone CI runs, at 56 and at 40 blocks, saw none), so requests are also preempted
+    part-way through their prefill."""
     block_bytes = 30 * 2 * 3 * 64 * 4 * 16  # layers x (K,V) x kv_heads x head_dim x fp32 x block
     srv = VllmServer(
         models.hf,
         ["--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "16",
          "--max-num-batched-tokens", "64", "--kv-cache-memory-bytes", str(40 * block_bytes),
-         "--distributed-executor-backend", "mp", "--async-scheduling", "--no-enable-prefix-caching"],
+         "--distributed-executor-backend", "mp", "--async-scheduling", "--no-enable-prefix-caching",
+         "--no-scheduler-reserve-full-isl"],
         name="squeezed",
     )
     yield srv
@@ -115,13 +120,14 @@ def test_4bit_checkpoint_matches_mlx_lm(models, prompts):
 
 def test_mlx_managed_cache_path_keeps_tokens(models, prompts, sequential):
     """VLLM_METAL_USE_PAGED_ATTENTION=0: mlx-lm's per-request caches under the same squeeze
-    (64-token chunks, 56 blocks of admission, preemption) give the paged path's tokens, and a
+    (64-token chunks, 56 blocks, first-chunk admission, preemption) give the paged path's tokens, and a
     prefix-cache hit restores a snapshot instead of changing anything."""
     block_bytes = 30 * 2 * 3 * 64 * 4 * 16
     srv = VllmServer(
         models.hf,
         ["--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "16",
-         "--max-num-batched-tokens", "64", "--kv-cache-memory-bytes", str(56 * block_bytes)],
+         "--max-num-batched-tokens", "64", "--kv-cache-memory-bytes", str(56 * block_bytes),
+         "--no-scheduler-reserve-full-isl"],
         env={"VLLM_METAL_USE_PAGED_ATTENTION": "0", "VLLM_METAL_PREFIX_CACHE": "1",
              "VLLM_METAL_DEBUG": "1"},
         name="mlx-managed",
