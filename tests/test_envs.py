@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _ctypes
 import dataclasses
 import os
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_metal import envs
+from vllm_metal import compat, envs
 from vllm_metal.envs import ENV_VARS, MetalConfigError, configuration_markdown, load
 
 NAMES = [var.name for var in ENV_VARS]
@@ -28,11 +29,14 @@ INVALID = {
     "VLLM_USE_MODELSCOPE": ["maybe", "2"],
     "VLLM_METAL_PREFIX_CACHE": ["maybe", "2", "auto"],
     "VLLM_METAL_PREFIX_CACHE_FRACTION": ["0", "1.5", "x", "auto", "", "-1"],
+    # a name, not a path; relative; missing; a file that is no library; a library without CBLAS
+    "VLLM_METAL_CPU_BLAS": ["openblas", "", "lib/libopenblas.so", "/nonexistent/libopenblas.so",
+                            __file__, _ctypes.__file__],
 }
 ACCEPTS_ANYTHING = {"VLLM_METAL_MODELSCOPE_CACHE"}  # a path; empty means unset
 
 DEFAULTS = envs.MetalEnvs(
-    memory_fraction="auto", use_mlx=True, mlx_device="gpu", block_size=16,
+    memory_fraction="auto", use_mlx=True, mlx_device="gpu", cpu_blas="auto", block_size=16,
     use_paged_attention=True, debug=False, use_modelscope=False, modelscope_cache=None,
     prefix_cache=False, prefix_cache_fraction=0.05, block_size_set=False, prefix_cache_set=False,
 )
@@ -99,6 +103,17 @@ def test_valid_spellings():
         os.path.expanduser("~/ms")
     for size in (8, 16, 32, 64, 128):
         assert load(environ={"VLLM_METAL_BLOCK_SIZE": str(size)}).block_size == size
+    assert load(environ={"VLLM_METAL_CPU_BLAS": " MLX "}).cpu_blas == "mlx"
+    openblas = compat._openblas_candidates()
+    assert openblas, "no OpenBLAS found (opencv-python-headless, a vLLM dependency, bundles one)"
+    assert load(environ={"VLLM_METAL_CPU_BLAS": openblas[0]}).cpu_blas == openblas[0]
+
+
+def test_cpu_blas_messages_say_why():
+    with pytest.raises(MetalConfigError, match="does not export cblas_sgemm"):
+        load(environ={"VLLM_METAL_CPU_BLAS": _ctypes.__file__})
+    with pytest.raises(MetalConfigError, match="absolute path of an existing CBLAS"):
+        load(environ={"VLLM_METAL_CPU_BLAS": "/nonexistent/libopenblas.so"})
 
 
 # --- combinations -------------------------------------------------------------------------

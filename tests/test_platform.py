@@ -89,6 +89,7 @@ def test_unsupported_configs_are_refused_naming_the_flag(models, kwargs, flag):
          "VLLM_METAL_USE_PAGED_ATTENTION=1"),
         ({"VLLM_METAL_MEMORY_FRACTION": "2"}, "VLLM_METAL_MEMORY_FRACTION"),
         ({"VLLM_MLX_DEVICE": "tpu"}, "VLLM_MLX_DEVICE"),
+        ({"VLLM_METAL_CPU_BLAS": "openblas"}, "VLLM_METAL_CPU_BLAS"),
     ],
 )
 def test_invalid_env_is_refused_at_config_time(models, monkeypatch, env, needle):

@@ -83,6 +83,26 @@ def _path(name: str, raw: str) -> str | None:
     return os.path.expanduser(raw) if raw else None
 
 
+def _cpu_blas(name: str, raw: str) -> str:
+    """`auto`, `mlx`, or the absolute path of a shared library exporting CBLAS (`cblas_sgemm`)."""
+    value = raw.strip()
+    if value.lower() in ("auto", "mlx"):
+        return value.lower()
+    if os.path.isabs(value) and os.path.isfile(value):
+        import ctypes
+
+        try:
+            exports = hasattr(ctypes.CDLL(value), "cblas_sgemm")
+        except OSError:
+            exports = False
+        if exports:
+            return value
+        raise MetalConfigError(f"{name}={raw!r}: that library does not load or does not export "
+                               "cblas_sgemm; give an OpenBLAS/MKL/BLIS CBLAS library, or use auto or mlx.")
+    raise MetalConfigError(f"{name}={raw!r} is invalid; use auto, mlx, or the absolute path of an "
+                           "existing CBLAS shared library (e.g. /usr/lib/x86_64-linux-gnu/libopenblas.so.0).")
+
+
 @dataclass(frozen=True)
 class EnvVar:
     name: str
@@ -104,6 +124,13 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("VLLM_MLX_DEVICE", "gpu", _choice("gpu", "cpu"),
            "MLX device: `gpu` (Metal on Apple Silicon, CUDA with `mlx[cuda13]`; falls back to "
            "the CPU with a warning when MLX has no GPU) or `cpu`."),
+    EnvVar("VLLM_METAL_CPU_BLAS", "auto", _cpu_blas,
+           "BLAS behind MLX's CPU matmuls on Linux. MLX's Linux wheel links netlib's reference "
+           "BLAS (one thread, a batch of N rows costs N single rows); `auto` loads an optimized "
+           "CBLAS first when that wheel is installed: the system's OpenBLAS, else the one "
+           "opencv-python-headless (a vLLM dependency) bundles. `mlx`: keep MLX's own. A path: "
+           "that CBLAS library (OpenBLAS, MKL, BLIS). Takes effect only in processes where the "
+           "plugin loads before anything imports MLX (every `vllm serve` process)."),
     EnvVar("VLLM_METAL_BLOCK_SIZE", "16", _block_size,
            "Tokens per KV cache block (8, 16, 32, 64 or 128). `--block-size` wins when given."),
     EnvVar("VLLM_METAL_USE_PAGED_ATTENTION", "1", _bool,
@@ -137,6 +164,7 @@ class MetalEnvs:
     memory_fraction: float | str
     use_mlx: bool
     mlx_device: str
+    cpu_blas: str
     block_size: int
     use_paged_attention: bool
     debug: bool
@@ -157,6 +185,7 @@ def load(environ: dict[str, str] | None = None) -> MetalEnvs:
         memory_fraction=parsed["VLLM_METAL_MEMORY_FRACTION"],
         use_mlx=parsed["VLLM_METAL_USE_MLX"],
         mlx_device=parsed["VLLM_MLX_DEVICE"],
+        cpu_blas=parsed["VLLM_METAL_CPU_BLAS"],
         block_size=parsed["VLLM_METAL_BLOCK_SIZE"],
         use_paged_attention=parsed["VLLM_METAL_USE_PAGED_ATTENTION"],
         debug=parsed["VLLM_METAL_DEBUG"],
