@@ -160,3 +160,14 @@ def test_mlx_managed_cache_path_keeps_tokens(models, prompts, sequential):
         assert max(restored) >= 256, "the hit should have been served from a K/V snapshot"
     finally:
         srv.stop()
+
+
+def test_server_names_the_blas_behind_mlx_cpu_matmuls(server, sequential):
+    """Served on MLX's CPU backend, the worker runs its matmuls on OpenBLAS (VLLM_METAL_CPU_BLAS=auto)
+    and says so; the tokens above were computed that way. On a GPU there is no such line."""
+    log = server.log_path.read_text(errors="replace")
+    lines = [ln for ln in log.splitlines() if "MLX's CPU matmuls use" in ln]
+    if "worker on MLX cpu" in log:
+        assert lines and "libopenblas" in lines[-1] and "VLLM_METAL_CPU_BLAS=auto" in lines[-1], lines
+    else:
+        assert not lines
