@@ -75,3 +75,10 @@ def test_too_late_once_mlx_is_imported():
     """Imported before the plugin, MLX has bound its own BLAS: nothing is swapped, and it says so."""
     lib, reported = _sgemm_binding("auto", order="mlx-first")
     assert "openblas" not in lib.name and reported == "CPU_BLAS=None"
+
+
+def test_system_library_is_found_by_absolute_path():
+    """A system OpenBLAS is found by soname; VLLM_METAL_CPU_BLAS and the log need its file's path."""
+    libm = compat._system_library_path("m")
+    assert libm and Path(libm).is_absolute() and Path(libm).is_file() and Path(libm).name.startswith("libm.so")
+    assert compat._system_library_path("vllm-metal-no-such-library") is None

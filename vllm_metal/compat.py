@@ -87,8 +87,9 @@ def _mlx_bundles_reference_blas() -> bool:
 
 
 def _openblas_candidates() -> list[str]:
-    """The system's OpenBLAS, then the one opencv-python-headless bundles (vLLM depends on it)."""
-    found = [p for p in (ctypes.util.find_library("openblas"),) if p]
+    """The system's OpenBLAS, then the one opencv-python-headless bundles (vLLM depends on it);
+    absolute paths (what VLLM_METAL_CPU_BLAS accepts and the worker logs)."""
+    found = [p for p in (_system_library_path("openblas"),) if p]
     for dist in ("opencv-python-headless", "opencv-python"):
         try:
             files = importlib.metadata.files(dist) or []
@@ -96,6 +97,20 @@ def _openblas_candidates() -> list[str]:
             continue
         found += [str(f.locate()) for f in files if re.match(r"libopenblas.*\.so", f.name)]
     return found
+
+
+def _system_library_path(name: str) -> str | None:
+    """Absolute path of the system library ``lib<name>`` (``find_library`` gives only its soname):
+    load it, then read where the loader mapped it from /proc/self/maps."""
+    soname = ctypes.util.find_library(name)
+    if soname is None:
+        return None
+    try:
+        ctypes.CDLL(soname)
+        maps = Path("/proc/self/maps").read_text().split()
+    except OSError:
+        return None
+    return next((m for m in maps if m.startswith("/") and Path(m).name.startswith(soname)), None)
 
 
 def mlx_lm_config_overrides(config: dict) -> dict:
