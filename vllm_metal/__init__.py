@@ -15,14 +15,13 @@ logger = logging.getLogger("vllm.metal")
 
 def register() -> str | None:
     """Return the platform's qualified name when MLX imports, else None (vLLM then picks another)."""
-    from vllm_metal import envs
-
     _load_cpu_blas()
     try:
         import mlx.core  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - a broken MLX install must not break vLLM
         logger.debug("vllm-metal not activated: mlx.core does not import (%s)", exc)
         return None
+    from vllm_metal import envs
 
     envs.register_with_vllm()
     return "vllm_metal.platform.MetalPlatform"

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from vllm_metal import envs
+
 
 @functools.cache
 def apply() -> None:
@@ -62,13 +64,8 @@ def load_cpu_blas(setting: str) -> str | None:
         candidates = _openblas_candidates()
     else:
         candidates = [setting]
-    for path in candidates:
-        try:
-            if not hasattr(ctypes.CDLL(path), "cblas_sgemm"):
-                continue
-            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)  # promote: libmlx binds to it on import
-        except OSError:
-            continue
+    for path in filter(envs.exports_cblas, candidates):
+        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)  # promote: libmlx binds to it on import
         CPU_BLAS = path
         return path
     return None

@@ -83,19 +83,23 @@ def _path(name: str, raw: str) -> str | None:
     return os.path.expanduser(raw) if raw else None
 
 
+def exports_cblas(path: str) -> bool:
+    """Whether the shared library at ``path`` loads and provides ``cblas_sgemm`` (MLX's CPU matmul)."""
+    import ctypes
+
+    try:
+        return hasattr(ctypes.CDLL(path), "cblas_sgemm")
+    except OSError:
+        return False
+
+
 def _cpu_blas(name: str, raw: str) -> str:
     """`auto`, `mlx`, or the absolute path of a shared library exporting CBLAS (`cblas_sgemm`)."""
     value = raw.strip()
     if value.lower() in ("auto", "mlx"):
         return value.lower()
     if os.path.isabs(value) and os.path.isfile(value):
-        import ctypes
-
-        try:
-            exports = hasattr(ctypes.CDLL(value), "cblas_sgemm")
-        except OSError:
-            exports = False
-        if exports:
+        if exports_cblas(value):
             return value
         raise MetalConfigError(f"{name}={raw!r}: that library does not load or does not export "
                                "cblas_sgemm; give an OpenBLAS/MKL/BLIS CBLAS library, or use auto or mlx.")
