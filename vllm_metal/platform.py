@@ -61,6 +61,11 @@ class MetalPlatform(Platform):
         """No-op: MLX picks its device itself; vLLM's executor only needs the call to succeed."""
 
     @classmethod
+    def import_kernels(cls) -> None:
+        """vLLM's CPU ops, in the build this CPU can execute (see ``compat.import_cpu_kernels``)."""
+        compat.import_cpu_kernels()
+
+    @classmethod
     def manual_seed_all(cls, seed: int) -> None:
         import mlx.core as mx
 
