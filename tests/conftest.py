@@ -25,6 +25,14 @@ os.environ.setdefault("MLX_ENABLE_TF32", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import vllm_metal  # noqa: E402
+
+# What vLLM does in every process it starts, here too: MLX in this process (the mlx-lm references,
+# the in-process runners) gets the CPU BLAS the servers get (VLLM_METAL_CPU_BLAS; it must come
+# before MLX's first import). On the reference BLAS the mlx-lm references alone took minutes of
+# the suite. HF transformers stays the reference that shares no arithmetic with MLX.
+vllm_metal.register()
+
 from vllm_metal.models.default_model import DefaultModels, ensure_default_models  # noqa: E402
 
 LOG_DIR = Path(os.environ.get("VLLM_METAL_TEST_LOGS", "/tmp/vllm-metal-test-logs"))
