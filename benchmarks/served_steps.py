@@ -35,13 +35,31 @@ _DECODE_STEP = re.compile(
 )
 
 
+_MOVED = re.compile(r"blocks moved (\d+)")
+
+
 def _step(match: re.Match) -> dict[str, float]:
-    return dict(zip(FIELDS, map(float, match.groups()), strict=True))
+    """A step's times in ms, and ``moved``: the blocks the paged placement moved in it."""
+    step = dict(zip(FIELDS, map(float, match.groups()), strict=True))
+    moved = _MOVED.search(match.string, match.end())
+    step["moved"] = float(moved.group(1)) if moved and "\n" not in match.string[match.end():moved.start()] else 0.0
+    return step
 
 
 def decode_steps(log: str) -> list[dict[str, float]]:
     """Every single-sequence one-token step of a ``VLLM_METAL_DEBUG=1`` server log, in ms."""
     return [_step(m) for m in _DECODE_STEP.finditer(log)]
+
+
+def moves(steps: list[dict[str, float]]) -> dict[str, float]:
+    """Means over all decode steps (a block move is rare, so medians hide it) and over the steps
+    that moved blocks: what the placement costs per token."""
+    moving = [s for s in steps if s["moved"]]
+    mean = lambda rows, f: statistics.fmean(r[f] for r in rows) if rows else float("nan")  # noqa: E731
+    return {"mean_forward_ms": mean(steps, "forward"), "mean_launch_ms": mean(steps, "launch"),
+            "mean_wait_ms": mean(steps, "wait"), "steps_moving": len(moving),
+            "blocks_moved": sum(s["moved"] for s in moving),
+            "mean_forward_moving_ms": mean(moving, "forward")}
 
 
 def request_steps(log: str) -> list[list[dict[str, float]]]:
@@ -134,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, log in logs.items():
         steps = decode_steps(log)
         client = summarize(*runs[name])
-        results[name] = {"steps": len(steps), "median_ms": medians(steps),
+        results[name] = {"steps": len(steps), "median_ms": medians(steps), "moves": moves(steps),
                          "client_tpot_ms": client["mean_tpot_ms"], "completed": client["completed"],
                          "turns": turns(request_steps(log), [len(c) for c in chunks])}
     lines = ["| path | steps | client TPOT ms | " + " | ".join(f"{f} ms" for f in FIELDS) + " |",
@@ -142,6 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in results.items():
         cells = " | ".join(f"{r['median_ms'].get(f, float('nan')):.2f}" for f in FIELDS)
         lines.append(f"| {name} | {r['steps']} | {r['client_tpot_ms']:.2f} | {cells} |")
+    lines += ["", "| path | mean forward ms | mean launch ms | mean wait ms | steps that moved blocks | "
+              "blocks moved | their mean forward ms |", "| --- " * 7 + "|"]
+    for name, r in results.items():
+        m = r["moves"]
+        lines.append(f"| {name} | {m['mean_forward_ms']:.2f} | {m['mean_launch_ms']:.2f} | "
+                     f"{m['mean_wait_ms']:.2f} | {m['steps_moving']} | {m['blocks_moved']:.0f} | "
+                     f"{m['mean_forward_moving_ms']:.2f} |")
     lines += ["", "| path | turn | requests | forward ms | launch ms | host ms, decode steps 1-2 | "
               "host ms, steps 11+ |", "| --- " * 7 + "|"]
     for name, r in results.items():

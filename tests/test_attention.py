@@ -410,6 +410,35 @@ def test_place_consecutive_moves_few_blocks_in_place(monkeypatch):
     assert meta.groups[0].ctx_slots is not None  # read by slot, still correct (tests above)
 
 
+def test_placed_run_grows_into_the_next_fresh_block(monkeypatch):
+    """A sequence on a prefix hit (blocks 1-3) that continued on a fresh block (40) is placed so
+    that its run ends at block 40: decode then grows into blocks 41 and 42, the ones vLLM hands
+    out next, without another move. Where that placement would move more than MAX_MOVE_BYTES, the
+    run starts where most blocks already are (block 40 moves next to the prefix) instead."""
+    bs, num_blocks = 4, 64
+    store = _random_store(num_blocks, bs, 7)
+    want = _by_block_id(store)
+    seq = [1, 2, 3, 40]
+    store.physical_tables([np.array(seq)], [len(seq) * bs - 1])
+    np.testing.assert_array_equal(store.phys[seq], [37, 38, 39, 40])
+    placed, moved = store.phys.copy(), store.moved_blocks
+    assert moved == 6  # three blocks in, three owners out
+    for fresh in (41, 42):
+        seq.append(fresh)
+        tables = store.physical_tables([np.array(seq)], [(len(seq) - 1) * bs + 1])
+        np.testing.assert_array_equal(np.diff(tables[0]), 1)
+    np.testing.assert_array_equal(store.phys, placed)
+    assert store.moved_blocks == moved
+    for got, ref in zip(_by_block_id(store), want, strict=True):
+        np.testing.assert_array_equal(got, ref)
+
+    store = _random_store(num_blocks, bs, 8)
+    monkeypatch.setattr(attention, "MAX_MOVE_BYTES", 2 * store.nbytes() // num_blocks)  # two blocks
+    store.physical_tables([np.array([1, 2, 3, 40])], [15])
+    np.testing.assert_array_equal(store.phys[[1, 2, 3, 40]], [1, 2, 3, 4])
+    assert store.moved_blocks == 2
+
+
 def test_single_sequence_reads_one_slice_after_placement():
     """The runner's order: place the step's blocks, then build the metadata on physical blocks;
     a sequence on scattered blocks then attends through a pool slice and still matches."""

@@ -265,6 +265,7 @@ class PagedKVStore:
         self.owner = np.arange(num_blocks, dtype=np.int32)  # physical block -> block id
         self.step: StepMetadata | None = None
         self.calls = 0
+        self.moved_blocks = 0  # block ids whose K/V placement moved, since start (VLLM_METAL_DEBUG logs it)
         self.layers = [PagedLayerCache(self, i, s.window) for i, s in enumerate(specs)]  # the model's caches
 
     def arrays(self) -> list[mx.array]:
@@ -290,30 +291,40 @@ class PagedKVStore:
 
     def place_consecutive(self, blocks: np.ndarray) -> None:
         """Swap physical blocks until ``blocks`` (block ids, in order) lie consecutively in the
-        pool, at the start that leaves the most of them in place. Each swapped-out block's K/V
-        move with it, so every block id keeps its contents: about one block per ``block_size``
-        decode steps, plus a request's first blocks when it starts (usually one or two, since
-        a prefix hit or a freed block is typically all that breaks the run). A move of more than
-        ``MAX_MOVE_BYTES`` is skipped; the step then reads the blocks by slot."""
+        pool. Each swapped-out block's K/V move with it, so every block id keeps its contents.
+
+        Where the run goes decides how often it moves again. vLLM hands a request's new blocks
+        out from the front of its free queue: a finished request's partly filled last block
+        first, then never-used blocks in ascending order. So the block after a sequence's last
+        one is usually the next it gets, and a run that ends at its last block grows into it
+        for free; a run placed elsewhere (say, after a prefix hit on block 1) moves a block
+        every ``block_size`` decode steps. Each move costs a few hundred kernels on a host-bound
+        step, whatever its size, so the run ends at the last block unless that moves more than
+        ``MAX_MOVE_BYTES``; then it starts where most of the blocks already are, and if that
+        moves too much as well the step reads the blocks by slot."""
         n = len(blocks)
         where = self.phys[blocks]
         if n < 2 or _is_run(where) or (blocks == 0).any():
             return
         starts, kept = np.unique(where - np.arange(n), return_counts=True)
         ok = (starts >= 1) & (starts <= self.num_blocks - n)  # never the null block 0
-        start = int(starts[ok][np.argmax(kept[ok])]) if ok.any() else self.num_blocks - n
-        phys, owner = self.phys.copy(), self.owner.copy()
-        for target, b in enumerate(blocks, start):
-            here = phys[b]
-            if here != target:
-                other = owner[target]
-                phys[b], phys[other] = target, here
-                owner[target], owner[here] = b, other
-        moved = np.flatnonzero(phys != self.phys)  # block ids whose K/V change place
-        if len(moved) * self.nbytes() > MAX_MOVE_BYTES * self.num_blocks:
-            return
-        self._copy_physical(self.phys[moved], phys[moved])
-        self.phys, self.owner = phys, owner
+        most_kept = int(starts[ok][np.argmax(kept[ok])]) if ok.any() else self.num_blocks - n
+        anchored = int(where[-1]) - (n - 1)
+        choices = [anchored, most_kept] if 1 <= anchored <= self.num_blocks - n else [most_kept]
+        for start in dict.fromkeys(choices):
+            phys, owner = self.phys.copy(), self.owner.copy()
+            for target, b in enumerate(blocks, start):
+                here = phys[b]
+                if here != target:
+                    other = owner[target]
+                    phys[b], phys[other] = target, here
+                    owner[target], owner[here] = b, other
+            moved = np.flatnonzero(phys != self.phys)  # block ids whose K/V change place
+            if len(moved) * self.nbytes() <= MAX_MOVE_BYTES * self.num_blocks:
+                self._copy_physical(self.phys[moved], phys[moved])
+                self.phys, self.owner = phys, owner
+                self.moved_blocks += len(moved)
+                return
 
     def _copy_physical(self, src: np.ndarray, dst: np.ndarray) -> None:
         """``pool[block dst[i]] = pool[block src[i]]`` in every pool. The rows are read and

@@ -48,6 +48,7 @@ class _PendingStep:
     forward_s: float = 0.0  # execute_model's own time (state update, metadata, forward, eval)
     launch_s: float = 0.0  # ...of which mx.async_eval (VLLM_METAL_DEBUG only)
     wait_s: float = 0.0  # ...and waiting for the device
+    moved_blocks: int = 0  # blocks the paged store's placement moved in this step
 
 
 class MetalModelRunner:
@@ -317,17 +318,20 @@ class MetalModelRunner:
             prompt_rows[req_id] = (len(rows), lens[i], starts[i])
             rows.extend(range(cu[i], cu[i + 1]))
 
+        moved = 0
         if self.mlx_caches is not None:
             logits = self._forward_mlx_managed(lens, starts, prompt_rows)
         else:
+            moved = self.kv.moved_blocks
             tables = self.kv.physical_tables(tables, [s + n for s, n in zip(starts, lens, strict=True)])
             meta = build_step_metadata(lens, starts, tables, self.block_size)
             tokens = mx.array(np.concatenate(token_parts).astype(np.int32))
             decode_only = not prompt_rows and lens.count(1) == len(lens)  # every row's logits, in order
             logits = self._forward(tokens, meta, None if decode_only else mx.array(np.asarray(rows, dtype=np.int32)))
+            moved = self.kv.moved_blocks - moved
         self._pending = _PendingStep(so, logits, num_reqs, partial, prompt_rows, int(cu[-1]),
                                      lens.count(1), t0, time.perf_counter() - t0,
-                                     self.evaluate.launch_s, self.evaluate.wait_s)
+                                     self.evaluate.launch_s, self.evaluate.wait_s, moved)
         return None
 
     def _forward_mlx_managed(self, lens, starts, prompt_rows) -> mx.array:
@@ -409,12 +413,12 @@ class MetalModelRunner:
         logger.info(
             "vllm-metal step: %d reqs, %d tokens (%d decode), forward %.2f ms (launch %.2f ms, "
             "wait %.2f ms), between %.2f ms, sample %.2f ms, outside %.2f ms, KV %.1f MiB, prefix "
-            "tokens restored from snapshots so far %d",
+            "tokens restored from snapshots so far %d, blocks moved %d",
             pending.num_reqs, pending.num_tokens, pending.num_decode, pending.forward_s * 1e3,
             pending.launch_s * 1e3, pending.wait_s * 1e3,
             (sample_entered - pending.started - pending.forward_s) * 1e3,
             (now - sample_entered) * 1e3, outside,
-            (self.kv or self.mlx_caches).nbytes() / 2**20, restored,
+            (self.kv or self.mlx_caches).nbytes() / 2**20, restored, pending.moved_blocks,
         )
 
     def _prompt_logprobs(self, logits: torch.Tensor, prompt_rows) -> dict[str, LogprobsTensors | None]:
