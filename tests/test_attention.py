@@ -168,11 +168,15 @@ def _pool4(pool: mx.array) -> mx.array:
     return pool.reshape(pool.shape[0], pool.shape[1], 1, pool.shape[2])
 
 
-def run_layer_cache(case: Case, window: int | None, sinks: mx.array | None = None) -> np.ndarray:
-    """The same step through ``PagedLayerCache.attend`` (what the model calls), pools as written."""
+def run_layer_cache(case: Case, window: int | None, sinks: mx.array | None = None,
+                    copy_reads: bool | None = None) -> np.ndarray:
+    """The same step through ``PagedLayerCache.attend`` (what the model calls), pools as written.
+    ``copy_reads``: override the device's choice of copying a lone sequence's K/V before SDPA."""
     t, kvh = case.queries.shape[0], case.k_pool.shape[1]
     store = PagedKVStore([LayerSpec(HEADS, kvh, HEAD_DIM, HEAD_DIM, window)], case.k_pool.shape[0] // case.block_size,
                          case.block_size, case.dtype)
+    if copy_reads is not None:
+        store.copy_reads = copy_reads
     store.k[0], store.v[0], store.step = _pool4(case.k_pool), _pool4(case.v_pool), case.meta
     out = PagedLayerCache(store, 0, window).attend(case.queries.reshape(t, HEADS, 1, HEAD_DIM), case.scale, sinks)
     assert out.shape == (t, HEADS, 1, HEAD_DIM) and out.dtype == case.dtype
@@ -256,7 +260,8 @@ def test_paged_attention_single_sequence(kind, window, blocks):
         assert (group.ctx_slots is None) == is_run
         assert (case.meta.slot_range is not None) == (kind == "decode" or is_run)
         ref = reference_numpy(case, window)
-        for got in (run_paged(case, window), run_layer_cache(case, window)):  # masked op / mask-free
+        for got in (run_paged(case, window), run_layer_cache(case, window, copy_reads=False),
+                    run_layer_cache(case, window, copy_reads=True)):  # masked op / mask-free
             assert max_err(got, ref) < FP32_BOUND
             assert max_err(got, reference_mlx_dense(case, window)) < FP32_BOUND
 

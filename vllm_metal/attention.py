@@ -265,6 +265,9 @@ class PagedKVStore:
         self.owner = np.arange(num_blocks, dtype=np.int32)  # physical block -> block id
         self.step: StepMetadata | None = None
         self.calls = 0
+        # MLX's CPU SDPA is composed of matmuls, which copy a strided operand through a slow
+        # general path (GQA broadcasts it too); one explicit copy per read is cheaper there
+        self.copy_reads = mx.default_device().type == mx.DeviceType.cpu
         self.moved_blocks = 0  # block ids whose K/V placement moved, since start (VLLM_METAL_DEBUG logs it)
         self.layers = [PagedLayerCache(self, i, s.window) for i, s in enumerate(specs)]  # the model's caches
 
@@ -408,6 +411,8 @@ class PagedLayerCache:
         SDPA runs without a mask array: about as few ops per layer as mlx-lm's own cache."""
         k = g.read_context(self.store.k[self.layer], start).transpose(2, 1, 0, 3)  # -> (1, KVH, ctx, D)
         v = g.read_context(self.store.v[self.layer], start).transpose(2, 1, 0, 3)
+        if self.store.copy_reads:
+            k, v = mx.contiguous(k), mx.contiguous(v)
         if queries.shape[0] == 1:  # decode: (1, H, 1, D) is already SDPA's layout
             o = mx.fast.scaled_dot_product_attention(queries, k, v, scale=scale, mask=None, sinks=sinks)
             return _as(o, queries.dtype)
