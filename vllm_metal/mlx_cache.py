@@ -5,7 +5,8 @@ Each request owns mlx-lm's own prompt cache (``make_prompt_cache``: ``KVCache``,
 ``mlx_lm.generate`` does; the step evaluates all requests' graphs together. vLLM's block manager
 still schedules and counts blocks (admission and preemption stay vLLM's), but no block pool is
 allocated: the caches grow with the sequence. It is the reference the paged path is measured
-against, and the fallback for attention the paged path cannot wrap.
+against. (A model whose attention the paged path cannot wrap is refused on both paths: the
+loader checks it.)
 
 Prefix reuse: vLLM reports a hit as ``num_computed_tokens > 0`` on a new request. With
 ``VLLM_METAL_PREFIX_CACHE`` on, finished prompt prefills leave a snapshot of their K/V (plain
