@@ -41,8 +41,9 @@ _MOVED = re.compile(r"blocks moved (\d+)")
 def _step(match: re.Match) -> dict[str, float]:
     """A step's times in ms, and ``moved``: the blocks the paged placement moved in it."""
     step = dict(zip(FIELDS, map(float, match.groups()), strict=True))
-    moved = _MOVED.search(match.string, match.end())
-    step["moved"] = float(moved.group(1)) if moved and "\n" not in match.string[match.end():moved.start()] else 0.0
+    line_end = match.string.find("\n", match.end())  # the rest of this step's line, only
+    moved = _MOVED.search(match.string, match.end(), line_end if line_end >= 0 else len(match.string))
+    step["moved"] = float(moved.group(1)) if moved else 0.0
     return step
 
 

@@ -322,13 +322,13 @@ class MetalModelRunner:
         if self.mlx_caches is not None:
             logits = self._forward_mlx_managed(lens, starts, prompt_rows)
         else:
-            moved = self.kv.moved_blocks
+            before = self.kv.moved_blocks
             tables = self.kv.physical_tables(tables, [s + n for s, n in zip(starts, lens, strict=True)])
+            moved = self.kv.moved_blocks - before  # placement happens only here
             meta = build_step_metadata(lens, starts, tables, self.block_size)
             tokens = mx.array(np.concatenate(token_parts).astype(np.int32))
             decode_only = not prompt_rows and lens.count(1) == len(lens)  # every row's logits, in order
             logits = self._forward(tokens, meta, None if decode_only else mx.array(np.asarray(rows, dtype=np.int32)))
-            moved = self.kv.moved_blocks - moved
         self._pending = _PendingStep(so, logits, num_reqs, partial, prompt_rows, int(cu[-1]),
                                      lens.count(1), t0, time.perf_counter() - t0,
                                      self.evaluate.launch_s, self.evaluate.wait_s, moved)
