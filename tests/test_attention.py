@@ -22,6 +22,7 @@ import pytest
 
 from vllm_metal import attention
 from vllm_metal.attention import (
+    AttnLimits,
     LayerSpec,
     PagedKVStore,
     PagedLayerCache,
@@ -63,10 +64,11 @@ def _f64(a: mx.array) -> np.ndarray:
 
 def make_case(seed: int, block_size: int, kv_heads: int, dtype=mx.float32,
               n_decode: int = 5, n_prefill: int = 3, spare_block: bool = True,
-              consecutive: bool = False) -> Case:
+              consecutive: bool = False, limits: AttnLimits | None = None, chunk: int = 40,
+              min_chunk: int = 2) -> Case:
     rng = np.random.default_rng(seed)
     seqs = [(1, int(rng.integers(0, 100))) for _ in range(n_decode)]
-    seqs += [(int(rng.integers(2, 41)), int(rng.integers(1, 61))) for _ in range(n_prefill)]
+    seqs += [(int(rng.integers(min_chunk, chunk + 1)), int(rng.integers(1, 61))) for _ in range(n_prefill)]
     order = rng.permutation(len(seqs))  # decode rows and prefill chunks interleaved
     seqs = [seqs[i] for i in order]
 
@@ -89,7 +91,7 @@ def make_case(seed: int, block_size: int, kv_heads: int, dtype=mx.float32,
     v_new = mx.array(rng.standard_normal((total, kv_heads, HEAD_DIM)).astype(np.float32)).astype(dtype)
     queries = mx.array(rng.standard_normal((total, HEADS, HEAD_DIM)).astype(np.float32)).astype(dtype)
 
-    meta = build_step_metadata([n for n, _ in seqs], [p for _, p in seqs], tables, block_size)
+    meta = build_step_metadata([n for n, _ in seqs], [p for _, p in seqs], tables, block_size, limits)
     k_pool[meta.slot_mapping] = k_new
     v_pool[meta.slot_mapping] = v_new
     mx.eval(k_pool, v_pool)
@@ -476,3 +478,91 @@ def test_single_sequence_fast_path_keeps_sinks(kind, blocks, window):
     got = run_layer_cache(case, window, mx.array(sinks_np))
     assert max_err(got, reference_numpy(case, window, sinks_np.astype(np.float64))) < FP32_BOUND
     assert max_err(got, reference_numpy(case, window)) > 1e-2
+
+
+def _limits(kv_heads: int, budget: int) -> AttnLimits:
+    return AttnLimits(heads=HEADS, kv_token_bytes=kv_heads * 2 * HEAD_DIM * 4, budget=budget)
+
+
+@pytest.mark.parametrize("window", [None, 7], ids=["full", "window7"])
+@pytest.mark.parametrize("budget", ["one_row", "some_rows"])
+@pytest.mark.parametrize("n_decode,n_prefill", [(6, 3), (0, 4), (8, 0)], ids=["mixed", "chunks", "decodes"])
+def test_attention_split_to_fit_the_budget(n_decode, n_prefill, budget, window):
+    """A step whose attention exceeds its budget runs as several calls (decode rows split by
+    sequence, long chunks by query rows) evaluated in turn, with the same result: against
+    float64 NumPy, through the op and the layer cache, with and without sinks. Every call fits
+    the budget, except one that is a single query row (nothing smaller exists)."""
+    kv_heads = 2
+    # one_row: even one query row of the longest context exceeds it; some_rows: a few rows fit
+    limits = _limits(kv_heads, 4096 if budget == "one_row" else 300_000)
+    sinks_np = np.array([-1.0, 0.5, 2.0, 4.0], dtype=np.float32) if HAS_SINKS else None
+    for seed in range(3):
+        case = make_case(seed=200 + seed, block_size=8, kv_heads=kv_heads, n_decode=n_decode,
+                         n_prefill=n_prefill, limits=limits, chunk=120, min_chunk=60)
+        meta = case.meta
+        assert len(meta.groups) >= 2 and meta.sequential
+        for g in meta.groups:
+            s, lq = g.tok.shape
+            assert lq == 1 or limits.cost(s, lq, g.table.shape[1] * 8) <= limits.budget
+        ref = reference_numpy(case, window)
+        assert max_err(run_paged(case, window), ref) < FP32_BOUND
+        assert max_err(run_layer_cache(case, window), ref) < FP32_BOUND
+        if sinks_np is not None:
+            sinks = mx.array(sinks_np)
+            ref_s = reference_numpy(case, window, sinks_np.astype(np.float64))
+            assert max_err(run_paged(case, window, sinks), ref_s) < FP32_BOUND
+
+
+def test_attention_fitting_the_budget_is_one_call_per_kind():
+    """Within the budget nothing is split or chained: decode rows one call, chunks one call."""
+    case = make_case(seed=5, block_size=8, kv_heads=2, limits=_limits(2, 2**30))
+    assert len(case.meta.groups) == 2 and not case.meta.sequential
+    assert max_err(run_paged(case, None), reference_numpy(case, None)) < FP32_BOUND
+
+
+@pytest.mark.parametrize("window", [None, 1000], ids=["full", "window-wide"])
+@pytest.mark.parametrize("blocks", ["scattered", "consecutive"])
+def test_single_sequence_chunk_split_to_fit_the_budget(blocks, window):
+    """One long chunk alone in its step (the mask-free path) runs in query tiles when its scores
+    exceed the budget; each tile sees the context up to its own last query."""
+    limits = _limits(2, 200_000)
+    for seed in range(3):
+        case = make_case(seed=300 + seed, block_size=8, kv_heads=2, n_decode=0, n_prefill=1,
+                         consecutive=blocks == "consecutive", limits=limits, chunk=160, min_chunk=100)
+        n, p0 = case.seqs[0]
+        assert len(limits.tiles(n, n + p0)) > 1
+        ref = reference_numpy(case, window)
+        for copy_reads in (False, True):
+            assert max_err(run_layer_cache(case, window, copy_reads=copy_reads), ref) < FP32_BOUND
+        assert max_err(run_paged(case, window), ref) < FP32_BOUND
+
+
+def test_split_step_holds_about_two_calls_at_a_time():
+    """The memory contract behind the startup reservation: with MLX's memory limit at what is
+    reserved, a step split into many calls holds about two calls' worth at a time, where the
+    same step unsplit holds all its scores at once (float32, 4 chunks of 512 queries)."""
+    kv_heads, bs = 2, 16
+    lens, starts = [512] * 4, [512] * 4
+    need = -(-1024 // bs)
+    tables = [np.arange(1 + i * need, 1 + (i + 1) * need, dtype=np.int32) for i in range(4)]
+    slots = (1 + 4 * need) * bs
+    rng = np.random.default_rng(0)
+    k_pool = mx.array(rng.standard_normal((slots, kv_heads, HEAD_DIM)).astype(np.float32))
+    v_pool = mx.array(rng.standard_normal((slots, kv_heads, HEAD_DIM)).astype(np.float32))
+    q = mx.array(rng.standard_normal((sum(lens), HEADS, HEAD_DIM)).astype(np.float32))
+    unsplit_scores = 4 * HEADS * 512 * 1024 * 4
+    limits = _limits(kv_heads, unsplit_scores // 16)
+    peaks = {}
+    for name, lim in (("unsplit", None), ("split", limits)):
+        meta = build_step_metadata(lens, starts, tables, bs, lim)
+        mx.eval(k_pool, v_pool, q)
+        base = mx.get_active_memory()
+        old = mx.set_memory_limit(base + limits.budget)
+        mx.reset_peak_memory()
+        try:
+            mx.eval(paged_attention(q, k_pool, v_pool, meta, bs, HEAD_DIM**-0.5).sum())
+        finally:
+            mx.set_memory_limit(old)
+        peaks[name] = mx.get_peak_memory() - base
+    assert peaks["unsplit"] > unsplit_scores, peaks
+    assert peaks["split"] < 4 * limits.budget, peaks

@@ -29,6 +29,7 @@ INVALID = {
     "VLLM_USE_MODELSCOPE": ["maybe", "2"],
     "VLLM_METAL_PREFIX_CACHE": ["maybe", "2", "auto"],
     "VLLM_METAL_PREFIX_CACHE_FRACTION": ["0", "1.5", "x", "auto", "", "-1"],
+    "VLLM_METAL_ATTENTION_MB": ["0", "-5", "1.5", "lots", "", "64MB"],
     # a name, not a path; relative; missing; a file that is no library; a library without CBLAS
     "VLLM_METAL_CPU_BLAS": ["openblas", "", "lib/libopenblas.so", "/nonexistent/libopenblas.so",
                             __file__, _ctypes.__file__],
@@ -36,7 +37,7 @@ INVALID = {
 ACCEPTS_ANYTHING = {"VLLM_METAL_MODELSCOPE_CACHE"}  # a path; empty means unset
 
 DEFAULTS = envs.MetalEnvs(
-    memory_fraction="auto", use_mlx=True, mlx_device="gpu", cpu_blas="auto", block_size=16,
+    memory_fraction="auto", attention_mb="auto", use_mlx=True, mlx_device="gpu", cpu_blas="auto", block_size=16,
     use_paged_attention=True, debug=False, use_modelscope=False, modelscope_cache=None,
     prefix_cache=False, prefix_cache_fraction=0.05, block_size_set=False, prefix_cache_set=False,
 )

@@ -110,6 +110,8 @@ class StepMetadata:
     groups: list[AttnGroup]
     out_order: mx.array | None  # (T,) packed token -> row of the group outputs; None = identity
     slot_range: tuple[int, int] | None = None  # the step's slots form one run [a, b): slice write
+    sequential: bool = False  # the groups exceed one call's budget together: evaluate them in turn
+    limits: AttnLimits | None = None  # one sequence: its chunk is tiled by these (see attend)
 
     @cached_property
     def slot_mapping(self) -> mx.array:
@@ -117,19 +119,54 @@ class StepMetadata:
         return mx.array(self.slots)
 
 
+SCORE_BYTES = 8  # per attention score held at once: float32 scores and their softmax
+
+
+@dataclass(frozen=True)
+class AttnLimits:
+    """How much one attention call may hold, and what it holds per query and context position.
+
+    A call over ``S`` sequences padded to ``lq`` queries and ``ctx`` context positions holds the
+    gathered K/V (``S * ctx`` tokens of one layer) and the scores (``S * heads * lq * ctx``).
+    A step's calls are evaluated one after another (``StepMetadata.sequential``), so with MLX's
+    memory limit throttling the evaluation, a step holds about two calls' worth at a time.
+    """
+
+    heads: int  # query heads (the widest layer's)
+    kv_token_bytes: int  # one token's K and V in one layer (the widest layer's)
+    budget: int  # bytes one call may hold
+
+    def cost(self, seqs: int, lq: int, ctx: int) -> int:
+        return seqs * ctx * (self.kv_token_bytes + self.heads * lq * SCORE_BYTES)
+
+    def max_rows(self, ctx: int) -> int:
+        """Query rows of one sequence at context ``ctx`` that fit one call (at least one)."""
+        return max(1, (self.budget // max(ctx, 1) - self.kv_token_bytes) // (self.heads * SCORE_BYTES))
+
+    def tiles(self, n: int, ctx: int) -> list[tuple[int, int]]:
+        """``[a, b)`` ranges of ``n`` queries ending at context ``ctx``, each fitting one call."""
+        count = -(-n // self.max_rows(ctx))
+        edges = [n * k // count for k in range(count + 1)]
+        return list(zip(edges[:-1], edges[1:], strict=True))
+
+
 def build_step_metadata(
     seq_lens_q: list[int],
     seq_start_pos: list[int],
     block_tables: list[np.ndarray],
     block_size: int,
+    limits: AttnLimits | None = None,
 ) -> StepMetadata:
     """Pack sequences (query lengths, first positions, physical blocks) into one step's metadata.
 
     Sequences appear in the packed batch in the given order. ``block_tables[i]`` must cover
-    every position up to ``seq_start_pos[i] + seq_lens_q[i] - 1``.
+    every position up to ``seq_start_pos[i] + seq_lens_q[i] - 1``. Attention runs in groups:
+    decode rows together, prefill chunks together, each split (by sequence, and long chunks by
+    query rows) so that no call holds more than ``limits.budget``; without ``limits`` each kind
+    is one call.
     """
     if len(seq_lens_q) == 1:
-        return _one_sequence(int(seq_lens_q[0]), int(seq_start_pos[0]), block_tables[0], block_size)
+        return _one_sequence(int(seq_lens_q[0]), int(seq_start_pos[0]), block_tables[0], block_size, limits)
     lens = np.asarray(seq_lens_q, dtype=np.int64)
     starts = np.asarray(seq_start_pos, dtype=np.int64)
     cu = np.concatenate([[0], np.cumsum(lens)])
@@ -143,38 +180,81 @@ def build_step_metadata(
 
     groups: list[AttnGroup] = []
     order_parts: list[np.ndarray] = []
-    for members in (np.flatnonzero(lens == 1), np.flatnonzero(lens > 1)):
-        if members.size == 0:
-            continue
-        lq = int(lens[members].max())
-        nb = max(len(block_tables[i]) for i in members)
-        s = members.size
+    for pieces in _plan(lens, starts, limits, block_size):
+        lq = max(b - a for _, a, b, _ in pieces)
+        ctx = max(c for *_, c in pieces)
+        nb = -(-ctx // block_size)
+        s = len(pieces)
         tok = np.empty((s, lq), dtype=np.int32)
         qpos = np.zeros((s, lq), dtype=np.int32)
         valid = np.zeros((s, lq), dtype=bool)
         table = np.zeros((s, nb), dtype=np.int32)
-        for row, i in enumerate(members):
-            n = lens[i]
-            tok[row, :n] = np.arange(cu[i], cu[i + 1])
-            tok[row, n:] = cu[i]
-            qpos[row, :n] = positions[cu[i] : cu[i + 1]]
-            valid[row, :n] = True
-            table[row, : len(block_tables[i])] = block_tables[i]
+        for row, (i, a, b, c) in enumerate(pieces):
+            tok[row, : b - a] = np.arange(cu[i] + a, cu[i] + b)
+            tok[row, b - a :] = cu[i] + a
+            qpos[row, : b - a] = positions[cu[i] + a : cu[i] + b]
+            valid[row, : b - a] = True
+            used = block_tables[i][: -(-c // block_size)]
+            table[row, : len(used)] = used
         flat_valid = valid.reshape(-1)
         rows = None if flat_valid.all() else mx.array(np.flatnonzero(flat_valid).astype(np.int32))
         in_order = s * lq == total and bool((tok.reshape(-1) == np.arange(total)).all())
-        groups.append(AttnGroup(tok, qpos, table, rows, in_order=in_order))
+        one = pieces[0][3] if s == 1 else None  # a lone piece reads exactly its context
+        groups.append(AttnGroup(tok, qpos, table, rows, in_order=in_order, ctx_len=one))
         order_parts.append(tok.reshape(-1)[flat_valid])
     one_run = (int(slots[0]), int(slots[-1]) + 1) if (np.diff(slots) == 1).all() else None
+    sequential = limits is not None and sum(
+        limits.cost(*g.tok.shape, g.table.shape[1] * block_size) for g in groups) > limits.budget
     concat_rows = np.concatenate(order_parts)
     if (concat_rows == np.arange(total)).all():
-        return StepMetadata(mx.array(positions), slots, groups, None, one_run)
+        return StepMetadata(mx.array(positions), slots, groups, None, one_run, sequential, limits)
     out_order = np.empty(total, dtype=np.int32)
     out_order[concat_rows] = np.arange(total, dtype=np.int32)
-    return StepMetadata(mx.array(positions), slots, groups, mx.array(out_order), one_run)
+    return StepMetadata(mx.array(positions), slots, groups, mx.array(out_order), one_run, sequential, limits)
 
 
-def _one_sequence(n: int, p0: int, table: np.ndarray, block_size: int) -> StepMetadata:
+Piece = tuple[int, int, int, int]  # (sequence, first query row, end query row, context length)
+
+
+def _plan(lens: np.ndarray, starts: np.ndarray, limits: AttnLimits | None,
+          block_size: int) -> list[list[Piece]]:
+    """Attention calls of a step: decode rows first, then prefill chunks; within each kind the
+    longest contexts first, as many sequences per call as ``limits`` allows, and a chunk whose
+    scores alone exceed it split into query tiles (a tile attends up to its own last query).
+    Costs count contexts in whole blocks, as the calls gather them."""
+
+    def padded(ctx: int) -> int:
+        return -(-ctx // block_size) * block_size
+
+    calls: list[list[Piece]] = []
+    for members in (np.flatnonzero(lens == 1), np.flatnonzero(lens > 1)):
+        pieces: list[Piece] = []
+        for i in members:
+            n, end = int(lens[i]), int(starts[i] + lens[i])
+            spans = [(0, n)] if limits is None or n == 1 else limits.tiles(n, padded(end))
+            pieces += [(int(i), a, b, end - n + b) for a, b in spans]
+        if not pieces:
+            continue
+        widest = max(b - a for _, a, b, _ in pieces)
+        longest = padded(max(p[3] for p in pieces))
+        if limits is None or limits.cost(len(pieces), widest, longest) <= limits.budget:
+            calls.append(pieces)  # one call, in batch order
+            continue
+        pieces.sort(key=lambda p: -p[3])
+        call: list[Piece] = []
+        for p in pieces:
+            lq = max([p[2] - p[1]] + [q[2] - q[1] for q in call])
+            if call and limits.cost(len(call) + 1, lq, padded(call[0][3])) > limits.budget:
+                calls.append(call)
+                call = []
+            call.append(p)
+        if call:
+            calls.append(call)
+    return calls
+
+
+def _one_sequence(n: int, p0: int, table: np.ndarray, block_size: int,
+                  limits: AttnLimits | None) -> StepMetadata:
     """``build_step_metadata`` for a step of one sequence (``n`` tokens from position ``p0``),
     which also tells the mask-free path where the context lies. Single-stream serving runs it
     every step on a host-bound GPU, so it makes a handful of NumPy arrays instead of packing."""
@@ -193,7 +273,7 @@ def _one_sequence(n: int, p0: int, table: np.ndarray, block_size: int) -> StepMe
     group = AttnGroup(np.arange(n, dtype=np.int32)[None, :], positions[None, :],
                       np.asarray(table, dtype=np.int32)[None, :], None, in_order=True,
                       ctx_len=ctx_len, ctx_slot0=ctx_slot0, ctx_slots=ctx_slots)
-    return StepMetadata(mx.array(positions), slots, [group], None, one_run)
+    return StepMetadata(mx.array(positions), slots, [group], None, one_run, limits=limits)
 
 
 def _is_run(a: np.ndarray) -> bool:
@@ -219,26 +299,56 @@ def paged_attention(
 ) -> mx.array:
     """Attention of packed queries ``(T, H, D)`` over paged K/V pools ``(slots, KVH, [1,] D)``.
 
-    Returns ``(T, H, D)``. Each group gathers its sequences' blocks, runs one fused SDPA with
-    an absolute-position causal mask (plus window), and the rows are put back in packed order.
+    Returns ``(T, H, D)``. Each group gathers its sequences' blocks and runs one fused SDPA with
+    an absolute-position causal mask (plus window); a group of one sequence reads exactly its
+    context with SDPA's own causal mask instead, in query tiles if ``meta.limits`` asks. The rows
+    are put back in packed order. Groups (and tiles) are chained when ``meta.sequential``, so
+    MLX evaluates them in turn instead of holding all their scores at once.
     """
     num_blocks = k_pool.shape[0] // block_size
     kvh, dk = k_pool.shape[1], k_pool.shape[-1]
     dv = v_pool.shape[-1]
-    outs = []
+    k_blocks = k_pool.reshape(num_blocks, block_size, kvh, dk)
+    v_blocks = v_pool.reshape(num_blocks, block_size, kvh, dv)
+    outs: list[mx.array] = []
+    chain = meta.sequential
+
+    def after_previous(*arrays: mx.array) -> list[mx.array]:
+        return list(mx.depends(list(arrays), [outs[-1]])) if chain and outs else list(arrays)
+
     for g in meta.groups:
         s, lq = g.tok.shape
-        nb = g.table.shape[1]
         q = queries if g.in_order else queries[g.token_index.reshape(-1)]
+        if g.ctx_len is not None and g.visible_from(window) == 0:  # one sequence, whole context
+            tiles = [(0, lq)] if meta.limits is None or lq == 1 else meta.limits.tiles(lq, g.ctx_len)
+            chain = chain or len(tiles) > 1
+            q = q.reshape(lq, -1, dk)
+            for a, b in tiles:
+                ctx = g.ctx_len - lq + b
+                qa, table = after_previous(q[a:b], g.block_table[0])
+                k = k_blocks[table].reshape(-1, kvh, dk)[:ctx]
+                v = v_blocks[table].reshape(-1, kvh, dv)[:ctx]
+                o = mx.fast.scaled_dot_product_attention(
+                    qa.transpose(1, 0, 2)[None], k.transpose(1, 0, 2)[None], v.transpose(1, 0, 2)[None],
+                    scale=scale, mask="causal" if b - a > 1 else None, sinks=sinks,
+                )
+                outs.append(o[0].transpose(1, 0, 2))
+            continue
+        ctx = g.table.shape[1] * block_size
+        tiles = [(0, lq)] if meta.limits is None or s > 1 else meta.limits.tiles(lq, ctx)
+        chain = chain or len(tiles) > 1
         q = q.reshape(s, lq, -1, dk).transpose(0, 2, 1, 3)
-        k = k_pool.reshape(num_blocks, block_size, kvh, dk)[g.block_table].reshape(s, nb * block_size, kvh, dk)
-        v = v_pool.reshape(num_blocks, block_size, kvh, dv)[g.block_table].reshape(s, nb * block_size, kvh, dv)
-        o = mx.fast.scaled_dot_product_attention(
-            q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), scale=scale,
-            mask=g.mask(window, block_size), sinks=sinks,
-        )
-        o = o.transpose(0, 2, 1, 3).reshape(s * lq, -1, dv)
-        outs.append(o if g.valid_rows is None else o[g.valid_rows])
+        mask = g.mask(window, block_size)
+        for a, b in tiles:  # one sequence's chunk behind a sliding window: tiles of query rows
+            qa, table = after_previous(q[:, :, a:b], g.block_table)
+            k = k_blocks[table].reshape(s, ctx, kvh, dk)
+            v = v_blocks[table].reshape(s, ctx, kvh, dv)
+            o = mx.fast.scaled_dot_product_attention(
+                qa, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), scale=scale,
+                mask=mask[:, :, a:b], sinks=sinks,
+            )
+            o = o.transpose(0, 2, 1, 3).reshape(s * (b - a), -1, dv)
+            outs.append(o if g.valid_rows is None else o[g.valid_rows])
     out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
     return out if meta.out_order is None else out[meta.out_order]
 
@@ -254,8 +364,10 @@ class PagedKVStore:
     that fixes the null block 0, and every read, write and copy goes through it.
     """
 
-    def __init__(self, specs: list[LayerSpec], num_blocks: int, block_size: int, dtype: mx.Dtype):
+    def __init__(self, specs: list[LayerSpec], num_blocks: int, block_size: int, dtype: mx.Dtype,
+                 attention_budget: int | None = None):
         self.block_size = block_size
+        self.limits = None if attention_budget is None else attention_limits(specs, dtype, attention_budget)
         self.num_blocks = num_blocks
         slots = num_blocks * block_size
         self.k = [mx.zeros((slots, s.kv_heads, 1, s.head_dim), dtype=dtype) for s in specs]
@@ -344,6 +456,12 @@ class PagedKVStore:
             pool[dst_i] = rows_moved  # updates the array object that self.k / self.v hold
 
 
+def attention_limits(specs: list[LayerSpec], dtype: mx.Dtype, budget: int) -> AttnLimits:
+    """The widest layer's attention geometry, with ``budget`` bytes per attention call."""
+    kv_token = max(s.kv_heads * (s.head_dim + s.v_head_dim) for s in specs) * dtype.size
+    return AttnLimits(max(s.q_heads for s in specs), kv_token, budget)
+
+
 @dataclass(frozen=True)
 class LayerSpec:
     """What the KV cache of one attention layer looks like."""
@@ -388,7 +506,8 @@ class PagedLayerCache:
         self.store.calls += 1
         step = self.store.step
         g = step.groups[0]
-        if len(step.groups) == 1 and (start := g.visible_from(self.window)) is not None:
+        if (len(step.groups) == 1 and (g.ctx_slot0 is not None or g.ctx_slots is not None)
+                and (start := g.visible_from(self.window)) is not None):
             return self._attend_one_sequence(queries, g, start, scale, sinks)
         t, h = queries.shape[0], queries.shape[1]
         out = paged_attention(
@@ -408,7 +527,8 @@ class PagedLayerCache:
     ) -> mx.array:
         """One sequence (single-stream serving): its visible K/V are one slice of the pool, or one
         gather when its blocks are scattered (a request that starts on prefix-cached blocks), and
-        SDPA runs without a mask array: about as few ops per layer as mlx-lm's own cache."""
+        SDPA runs without a mask array: about as few ops per layer as mlx-lm's own cache. A chunk
+        whose scores exceed the step's limits runs in query tiles, one after another."""
         k = g.read_context(self.store.k[self.layer], start).transpose(2, 1, 0, 3)  # -> (1, KVH, ctx, D)
         v = g.read_context(self.store.v[self.layer], start).transpose(2, 1, 0, 3)
         if self.store.copy_reads:
@@ -417,7 +537,17 @@ class PagedLayerCache:
             o = mx.fast.scaled_dot_product_attention(queries, k, v, scale=scale, mask=None, sinks=sinks)
             return _as(o, queries.dtype)
         q = queries.transpose(2, 1, 0, 3)  # (T, H, 1, D) -> (1, H, T, D)
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal", sinks=sinks)
+        n, limits = q.shape[2], self.store.step.limits
+        tiles = [(0, n)] if limits is None else limits.tiles(n, k.shape[2])
+        outs: list[mx.array] = []
+        for a, b in tiles:
+            ctx = k.shape[2] - n + b  # the tile's queries see up to its last one (bottom-right causal)
+            qa = q[:, :, a:b]
+            if outs:
+                (qa,) = mx.depends([qa], [outs[-1]])
+            outs.append(mx.fast.scaled_dot_product_attention(
+                qa, k[:, :, :ctx], v[:, :, :ctx], scale=scale, mask="causal", sinks=sinks))
+        o = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
         return _as(o.transpose(2, 1, 0, 3), queries.dtype)
 
 

@@ -79,6 +79,19 @@ def _block_size(name: str, raw: str) -> int:
     return value
 
 
+def _mebibytes(name: str, raw: str) -> int | str:
+    value = raw.strip().lower()
+    if value == "auto":
+        return "auto"
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise MetalConfigError(f"{name}={raw!r} is invalid; use 'auto' or a whole number of MiB (1 or more).")
+    return number
+
+
 def _path(name: str, raw: str) -> str | None:
     return os.path.expanduser(raw) if raw else None
 
@@ -122,6 +135,12 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "need the paged path. `auto` = 0.9, or `--gpu-memory-utilization` when that flag is "
            "given (a value other than vLLM's default 0.92); on MLX's CPU backend `auto` also caps "
            "the KV cache at 4 GiB. `--kv-cache-memory-bytes` overrides both."),
+    EnvVar("VLLM_METAL_ATTENTION_MB", "auto", _mebibytes,
+           "Memory one attention call of the paged path may hold (MiB): the scores of its queries "
+           "and the K/V it gathers. Longer prefill chunks and larger decode batches are split into "
+           "calls of at most this size, evaluated one after another, so long concurrent prompts "
+           "stay within what startup reserved. `auto`: 1/64 of device memory, between 64 MiB and "
+           "1 GiB. Smaller values reserve less at startup and launch more calls."),
     EnvVar("VLLM_METAL_USE_MLX", "1", _bool,
            "Use MLX for compute. `0` is refused: MLX is the plugin's only compute path "
            "(use vLLM's own CPU backend with `VLLM_PLUGINS=` instead)."),
@@ -166,6 +185,7 @@ ENV_VARS: tuple[EnvVar, ...] = (
 @dataclass(frozen=True)
 class MetalEnvs:
     memory_fraction: float | str
+    attention_mb: int | str
     use_mlx: bool
     mlx_device: str
     cpu_blas: str
@@ -187,6 +207,7 @@ def load(environ: dict[str, str] | None = None) -> MetalEnvs:
     parsed = {var.name: var.parse(var.name, raw[var.name]) for var in ENV_VARS}
     cfg = MetalEnvs(
         memory_fraction=parsed["VLLM_METAL_MEMORY_FRACTION"],
+        attention_mb=parsed["VLLM_METAL_ATTENTION_MB"],
         use_mlx=parsed["VLLM_METAL_USE_MLX"],
         mlx_device=parsed["VLLM_MLX_DEVICE"],
         cpu_blas=parsed["VLLM_METAL_CPU_BLAS"],
