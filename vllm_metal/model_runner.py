@@ -8,7 +8,9 @@ The forward pass and the KV cache are MLX (``attention.py``, ``loader.py``).
 
 from __future__ import annotations
 
+import gc
 import time
+import traceback
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -29,8 +31,21 @@ from vllm_metal.bridge import mlx_to_torch
 from vllm_metal.device import EvalTimer, device_memory_bytes
 from vllm_metal.loader import LoadedModel, load, resolve_model_dir
 from vllm_metal.mlx_cache import MlxManagedCaches, RequestWork
+from vllm_metal.scheduler import FailedStep, MetalAsyncScheduler, MetalScheduler
 
 logger = init_logger("vllm.metal")
+
+MIN_ATTENTION_BUDGET = 64 * 2**20
+MAX_ATTENTION_BUDGET = 2**30
+OUR_SCHEDULERS = {f"{c.__module__}.{c.__qualname__}" for c in (MetalScheduler, MetalAsyncScheduler)}
+
+
+def attention_budget(setting: int | str) -> int:
+    """Bytes one attention call may hold (VLLM_METAL_ATTENTION_MB; ``auto``: 1/64 of device memory,
+    between 64 MiB and 1 GiB)."""
+    if setting != "auto":
+        return int(setting) * 2**20
+    return min(MAX_ATTENTION_BUDGET, max(MIN_ATTENTION_BUDGET, device_memory_bytes() // 64))
 
 
 @dataclass
@@ -67,6 +82,9 @@ class MetalModelRunner:
         self.max_num_reqs = self.scheduler_config.max_num_seqs
         self.max_num_tokens = self.scheduler_config.max_num_batched_tokens
         self.vocab_size = self.model_config.get_vocab_size()
+        self.attention_budget = attention_budget(self.envs.attention_mb)
+        # a failed step is answered with FailedStep only where the scheduler knows what that is
+        self.survives_failed_steps = str(self.scheduler_config.scheduler_cls) in OUR_SCHEDULERS
         self.requests: dict[str, CachedRequestState] = {}
         self.num_prompt_logprobs: dict[str, int] = {}
         self.sampler = Sampler(logprobs_mode=self.model_config.logprobs_mode)
@@ -76,7 +94,7 @@ class MetalModelRunner:
         self.loaded: LoadedModel | None = None
         self.kv: PagedKVStore | None = None
         self.mlx_caches: MlxManagedCaches | None = None  # VLLM_METAL_USE_PAGED_ATTENTION=0
-        self._pending: _PendingStep | None = None
+        self._pending: _PendingStep | FailedStep | None = None
         self._verified = False
         self._last_step_end = 0.0  # VLLM_METAL_DEBUG step timing
         # req_id -> what the scheduler last said of it (named when its token history disagrees)
@@ -130,57 +148,90 @@ class MetalModelRunner:
             raise UnsupportedModelError(f"expected one KV cache group, got {len(groups)}")
         self.block_size = groups[0].kv_cache_spec.block_size
         self.input_batch = self._new_input_batch(self.input_batch.logitsprocs)
-        if not self.paged:
-            prefix = 0
-            if self.cache_config.enable_prefix_caching:
-                prefix = int(self.envs.prefix_cache_fraction * device_memory_bytes())
-            self.mlx_caches = MlxManagedCaches(self.loaded, prefix, self.block_size, self.evaluate)
+        self._num_blocks = kv_cache_config.num_blocks
+        self._new_caches()
+        if self.mlx_caches is not None:
             logger.info(
                 "vllm-metal: MLX-managed KV cache (per-request mlx-lm caches; vLLM accounts "
                 "%d blocks x %d tokens; prefix snapshots up to %.1f MiB)",
-                kv_cache_config.num_blocks, self.block_size, prefix / 2**20,
+                kv_cache_config.num_blocks, self.block_size, self._prefix_bytes() / 2**20,
             )
             return
-        self.kv = PagedKVStore(
-            self.loaded.specs, kv_cache_config.num_blocks, self.block_size, self.loaded.dtype
-        )
         logger.info(
-            "vllm-metal: paged KV cache of %d blocks x %d tokens (%.1f MiB)",
-            self.kv.num_blocks, self.block_size, self.kv.nbytes() / 2**20,
+            "vllm-metal: paged KV cache of %d blocks x %d tokens (%.1f MiB); attention calls hold "
+            "up to %.0f MiB each",
+            self.kv.num_blocks, self.block_size, self.kv.nbytes() / 2**20, self.attention_budget / 2**20,
         )
 
-    def profile_forward(self, num_tokens: int) -> None:
-        """Run one prefill of ``num_tokens`` into a scratch KV store (memory profiling, warm-up)."""
-        num_tokens = max(1, min(num_tokens, self.max_model_len))
+    def _prefix_bytes(self) -> int:
+        if not self.cache_config.enable_prefix_caching:
+            return 0
+        return int(self.envs.prefix_cache_fraction * device_memory_bytes())
+
+    def _new_caches(self) -> None:
+        """(Re)create the KV cache: empty paged pools, or no MLX-managed caches."""
         if not self.paged:
-            scratch = MlxManagedCaches(self.loaded, 0, self.block_size)
-            mx.eval(scratch.forward([RequestWork("profile", [0] * num_tokens, 0, num_tokens, False)],
-                                    {"profile": num_tokens}))
+            self.mlx_caches = MlxManagedCaches(self.loaded, self._prefix_bytes(), self.block_size, self.evaluate)
             return
-        self._scratch_forward([num_tokens], [0])
+        self.kv = PagedKVStore(self.loaded.specs, self._num_blocks, self.block_size, self.loaded.dtype,
+                               self.attention_budget)
+
+    def worst_step(self) -> tuple[list[int], list[int]]:
+        """The step that holds the most memory the scheduler can send (query lengths, first
+        positions): ``--max-num-batched-tokens`` tokens in prefill chunks as long as
+        ``--max-model-len``, each ending at that context, and, while ``--max-num-seqs`` leaves
+        room, decode rows at that context taken from the last chunk (each needs a logits row)."""
+        tokens, seqs, max_len = self.max_num_tokens, self.max_num_reqs, self.max_model_len
+        lens: list[int] = []
+        left = tokens
+        while left > 0 and len(lens) < seqs:
+            lens.append(min(left, max_len))
+            left -= lens[-1]
+        decodes = min(seqs - len(lens), lens[-1] - 1)
+        lens[-1] -= decodes
+        lens += [1] * decodes
+        return lens, [max_len - n for n in lens]
+
+    def profile_step(self, lens: list[int], starts: list[int]) -> int:
+        """Run one step (``lens`` tokens of each sequence from ``starts``) on scratch K/V and return
+        the MLX memory it held at its peak beyond what was allocated before and the scratch K/V.
+        The MLX-managed path runs one request of all those tokens (one forward per request)."""
+        mx.eval(mx.zeros(1))  # settle anything pending before the baseline
+        base = mx.get_active_memory()
+        mx.reset_peak_memory()
+        if not self.paged:
+            n = max(1, min(sum(lens), self.max_model_len))
+            scratch = MlxManagedCaches(self.loaded, 0, self.block_size)
+            mx.eval(scratch.forward([RequestWork("profile", [0] * n, 0, n, False)], {"profile": n}))
+            return max(0, mx.get_peak_memory() - base)
+        scratch_bytes = self._scratch_forward(lens, starts)
+        return max(0, mx.get_peak_memory() - base - scratch_bytes)
 
     def warm_up(self, num_tokens: int) -> None:
         """Run what serving runs before the first request does: a single-sequence prefill (the
         mask-free path) and, on the paged path, a step of two sequences, a prefill chunk and a decode
         (the masked block-table path). MLX's CUDA backend compiles kernels on first use; without this
         the first concurrent requests would wait for that compilation."""
-        self.profile_forward(num_tokens)
+        num_tokens = max(1, min(num_tokens, self.max_model_len))
+        self.profile_step([num_tokens], [0])
         if self.paged and self.max_model_len > 3:  # the smallest such step: 2 + 1 rows
             self._scratch_forward([2, 1], [0, 2])
 
-    def _scratch_forward(self, lens: list[int], starts: list[int]) -> None:
-        """One step of ``lens`` tokens at ``starts`` through a scratch KV store (the real pool,
-        if allocated yet, is untouched): each sequence gets its own consecutive blocks."""
-        need = [-(-(s + n) // self.block_size) for n, s in zip(lens, starts, strict=True)]
-        first = np.cumsum([1] + need[:-1])  # block 0 stays unused, as in vLLM's pool
-        tables = [np.arange(f, f + k) for f, k in zip(first, need, strict=True)]
-        store = PagedKVStore(self.loaded.specs, 1 + sum(need), self.block_size, self.loaded.dtype)
+    def _scratch_forward(self, lens: list[int], starts: list[int]) -> int:
+        """One step of ``lens`` tokens at ``starts`` through a scratch KV store (the real pool, if
+        allocated yet, is untouched); returns the store's bytes. All sequences share one block
+        table as long as the longest context: what they read and write does not matter here."""
+        need = max(-(-(s + n) // self.block_size) for n, s in zip(lens, starts, strict=True))
+        table = np.arange(1, 1 + need)  # block 0 stays unused, as in vLLM's pool
+        store = PagedKVStore(self.loaded.specs, 1 + need, self.block_size, self.loaded.dtype,
+                             self.attention_budget)
         saved, self.kv = self.kv, store
         try:
-            meta = build_step_metadata(lens, starts, tables, self.block_size)
+            meta = build_step_metadata(lens, starts, [table] * len(lens), self.block_size, store.limits)
             tokens = mx.zeros((sum(lens),), dtype=mx.int32)
             rows = mx.array(np.cumsum(lens).astype(np.int32) - 1)
             self._forward(tokens, meta, rows)  # evaluates the logits and the pools
+            return store.nbytes()
         finally:
             self.kv = saved
 
@@ -283,6 +334,15 @@ class MetalModelRunner:
 
     # ----------------------------------------------------------------- one step
     def execute_model(self, so) -> ModelRunnerOutput | None:
+        try:
+            return self._execute(so)
+        except Exception as exc:  # noqa: BLE001 - any failure of the step, MLX's above all
+            if not self.survives_failed_steps:
+                raise
+            self._pending = self._fail_step(so, exc)
+            return None
+
+    def _execute(self, so) -> ModelRunnerOutput | None:
         t0 = time.perf_counter()
         self._update_states(so)
         if so.total_num_scheduled_tokens == 0:
@@ -325,7 +385,7 @@ class MetalModelRunner:
             before = self.kv.moved_blocks
             tables = self.kv.physical_tables(tables, [s + n for s, n in zip(starts, lens, strict=True)])
             moved = self.kv.moved_blocks - before  # placement happens only here
-            meta = build_step_metadata(lens, starts, tables, self.block_size)
+            meta = build_step_metadata(lens, starts, tables, self.block_size, self.kv.limits)
             tokens = mx.array(np.concatenate(token_parts).astype(np.int32))
             decode_only = not prompt_rows and lens.count(1) == len(lens)  # every row's logits, in order
             logits = self._forward(tokens, meta, None if decode_only else mx.array(np.asarray(rows, dtype=np.int32)))
@@ -353,10 +413,52 @@ class MetalModelRunner:
         return self.mlx_caches.forward(works, prompt_lens)
 
     def sample_tokens(self, grammar_output) -> ModelRunnerOutput:
-        entered = time.perf_counter()
         pending, self._pending = self._pending, None
         if pending is None:
             return EMPTY_MODEL_RUNNER_OUTPUT
+        if isinstance(pending, FailedStep):
+            return pending
+        try:
+            return self._sample(pending, grammar_output)
+        except Exception as exc:  # noqa: BLE001 - as in execute_model
+            if not self.survives_failed_steps:
+                raise
+            return self._fail_step(pending.scheduler_output, exc)
+
+    def _fail_step(self, so, exc: Exception) -> FailedStep:
+        """A step failed (an MLX evaluation out of device memory, say): log it with the knobs that
+        bound a step's memory, clear the K/V cache (a failed evaluation leaves the pools it was
+        updating unusable) and the runner's batch, and answer with a ``FailedStep`` naming the
+        step's requests. The scheduler (``vllm_metal.scheduler``) finishes those with an error and
+        recomputes the other running requests."""
+        req_ids = list(so.num_scheduled_tokens)
+        logger.error(
+            "vllm-metal: a step of %d request(s), %d token(s) failed: %s: %s. Its requests finish with "
+            "an error, the KV cache is cleared, and the engine keeps serving. If this is out of memory: "
+            "lower --max-num-batched-tokens or --max-num-seqs, lower VLLM_METAL_ATTENTION_MB, or leave "
+            "more memory free (--kv-cache-memory-bytes, VLLM_METAL_MEMORY_FRACTION).\n%s",
+            len(req_ids), so.total_num_scheduled_tokens, type(exc).__name__, exc,
+            "".join(traceback.format_exception(exc)),
+        )
+        error = f"{type(exc).__name__}: {exc}"
+        exc.__traceback__ = None  # its frames hold the failed step's arrays
+        del exc
+        if self.loaded.row_select is not None:
+            self.loaded.row_select.rows = None
+        batch = self.input_batch
+        for req_id in list(batch.req_ids):
+            batch.remove_request(req_id)
+        batch.condense()
+        batch.refresh_metadata()
+        self.kv = self.mlx_caches = None
+        gc.collect()
+        mx.clear_cache()
+        self._new_caches()
+        return FailedStep(req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
+                          error=error, failed_req_ids=req_ids)
+
+    def _sample(self, pending: _PendingStep, grammar_output) -> ModelRunnerOutput:
+        entered = time.perf_counter()
         batch = self.input_batch
         n = pending.num_reqs
         logits = mlx_to_torch(pending.logits.astype(mx.float32))
@@ -410,15 +512,19 @@ class MetalModelRunner:
         outside = (pending.started - self._last_step_end) * 1e3 if self._last_step_end else float("nan")
         self._last_step_end = now
         restored = self.mlx_caches.restored_tokens if self.mlx_caches is not None else 0
+        kv_bytes = (self.kv or self.mlx_caches).nbytes()
+        peak = mx.get_peak_memory() - self.loaded.weight_bytes - kv_bytes  # since the last step line
+        mx.reset_peak_memory()
         logger.info(
             "vllm-metal step: %d reqs, %d tokens (%d decode), forward %.2f ms (launch %.2f ms, "
             "wait %.2f ms), between %.2f ms, sample %.2f ms, outside %.2f ms, KV %.1f MiB, prefix "
-            "tokens restored from snapshots so far %d, blocks moved %d",
+            "tokens restored from snapshots so far %d, blocks moved %d, MLX peak above weights and "
+            "KV %.1f MiB",
             pending.num_reqs, pending.num_tokens, pending.num_decode, pending.forward_s * 1e3,
             pending.launch_s * 1e3, pending.wait_s * 1e3,
             (sample_entered - pending.started - pending.forward_s) * 1e3,
-            (now - sample_entered) * 1e3, outside,
-            (self.kv or self.mlx_caches).nbytes() / 2**20, restored, pending.moved_blocks,
+            (now - sample_entered) * 1e3, outside, kv_bytes / 2**20, restored, pending.moved_blocks,
+            peak / 2**20,
         )
 
     def _prompt_logprobs(self, logits: torch.Tensor, prompt_rows) -> dict[str, LogprobsTensors | None]:

@@ -158,6 +158,11 @@ class MetalPlatform(Platform):
         if parallel.distributed_executor_backend is None:
             parallel.distributed_executor_backend = "uni"
 
+        sched = vllm_config.scheduler_config
+        if sched.scheduler_cls is None:  # vLLM's, plus finishing a failed step's requests (scheduler.py)
+            sched.scheduler_cls = ("vllm_metal.scheduler.MetalAsyncScheduler" if sched.async_scheduling
+                                   else "vllm_metal.scheduler.MetalScheduler")
+
         if not cache.user_specified_block_size:
             cache.block_size = cfg.block_size
         if cfg.prefix_cache_set:

@@ -19,6 +19,7 @@ from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheSpec
 from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
 
 from vllm_metal import compat, envs
+from vllm_metal.attention import attention_limits
 from vllm_metal.device import describe_device, device_memory_bytes, on_gpu, select_device
 from vllm_metal.model_runner import MetalModelRunner
 
@@ -68,17 +69,18 @@ class MetalWorker(WorkerBase):
 
     def determine_available_memory(self) -> int:
         """Bytes the KV cache may take: explicit ``--kv-cache-memory-bytes``, else a fraction of
-        device memory minus weights and the activation peak of one full prefill step."""
+        device memory minus weights and the activation peak of the worst step the configuration
+        allows (``MetalModelRunner.worst_step``). Either way the three must fit the device."""
         runner = self.model_runner
-        explicit = self.cache_config.kv_cache_memory_bytes
-        if explicit is not None:
-            self._check_explicit_budget(int(explicit))
-            return int(explicit)
-        fraction = self.memory_fraction()
         total = device_memory_bytes()
         weights = runner.loaded.weight_bytes
-        activations = self._activation_peak(self.scheduler_config.max_num_batched_tokens)
+        activations = self._activation_peak()
         self.activation_bytes = activations
+        explicit = self.cache_config.kv_cache_memory_bytes
+        if explicit is not None:
+            self._check_explicit_budget(int(explicit), total, weights, activations)
+            return int(explicit)
+        fraction = self.memory_fraction()
         available = int(total * fraction) - weights - activations
         cap = ""
         if not on_gpu() and self.envs.memory_fraction == "auto":
@@ -88,14 +90,16 @@ class MetalWorker(WorkerBase):
             raise ValueError(
                 f"vllm-metal: no memory left for the KV cache: {total / 2**30:.1f} GiB device "
                 f"memory x {fraction} is less than weights {weights / 2**30:.2f} GiB + activations "
-                f"{activations / 2**30:.2f} GiB. Raise VLLM_METAL_MEMORY_FRACTION or "
-                "--gpu-memory-utilization, lower --max-num-batched-tokens, or set "
-                "--kv-cache-memory-bytes."
+                f"{activations / 2**30:.2f} GiB (the largest step --max-num-batched-tokens "
+                f"{self.scheduler_config.max_num_batched_tokens} and --max-num-seqs "
+                f"{self.scheduler_config.max_num_seqs} allow). Raise VLLM_METAL_MEMORY_FRACTION or "
+                "--gpu-memory-utilization, lower --max-num-batched-tokens, --max-num-seqs or "
+                "VLLM_METAL_ATTENTION_MB, or set --kv-cache-memory-bytes."
             )
         logger.info(
             "vllm-metal: KV budget %.2f GiB%s = %.1f GiB device x %s - weights %.2f GiB - "
-            "activations %.2f GiB",
-            available / 2**30, cap, total / 2**30, fraction, weights / 2**30, activations / 2**30,
+            "activations %.0f MiB",
+            available / 2**30, cap, total / 2**30, fraction, weights / 2**30, activations / 2**20,
         )
         return available
 
@@ -107,9 +111,10 @@ class MetalWorker(WorkerBase):
         utilization = self.cache_config.gpu_memory_utilization
         return AUTO_FRACTION if utilization == VLLM_DEFAULT_UTILIZATION else utilization
 
-    def _check_explicit_budget(self, budget: int) -> None:
+    def _check_explicit_budget(self, budget: int, total: int, weights: int, activations: int) -> None:
         """vLLM's own message for a budget below one full-length request says 0.0 GiB and points
-        at --gpu-memory-utilization, which --kv-cache-memory-bytes overrides; name the real knobs."""
+        at --gpu-memory-utilization, which --kv-cache-memory-bytes overrides; name the real knobs.
+        A budget that leaves no room for the weights and the largest step is refused too."""
         runner = self.model_runner
         per_block = runner.kv_bytes_per_block()
         max_len = self.model_config.max_model_len
@@ -122,31 +127,59 @@ class MetalWorker(WorkerBase):
                 f"less than one --max-model-len {max_len} request needs ({need} bytes). Raise "
                 f"--kv-cache-memory-bytes to at least {need}{shorter}."
             )
+        if weights + budget + activations > total:
+            raise ValueError(
+                f"vllm-metal: --kv-cache-memory-bytes {budget} ({budget / 2**30:.2f} GiB) + weights "
+                f"{weights / 2**30:.2f} GiB + activations {activations / 2**30:.2f} GiB (the largest "
+                f"step --max-num-batched-tokens {self.scheduler_config.max_num_batched_tokens} and "
+                f"--max-num-seqs {self.scheduler_config.max_num_seqs} allow) exceed the device's "
+                f"{total / 2**30:.1f} GiB. Lower --kv-cache-memory-bytes, --max-num-batched-tokens, "
+                "--max-num-seqs or VLLM_METAL_ATTENTION_MB."
+            )
+        logger.info("vllm-metal: KV budget %.2f GiB (--kv-cache-memory-bytes); weights %.2f GiB, "
+                    "activations %.0f MiB, device %.1f GiB", budget / 2**30, weights / 2**30,
+                    activations / 2**20, total / 2**30)
 
-    def _activation_peak(self, tokens: int) -> int:
-        """Peak MLX memory above the weights during one prefill of ``tokens`` tokens.
+    def _activation_peak(self) -> int:
+        """Peak MLX memory of the worst step beyond weights and KV cache.
 
         Measured directly on a GPU. MLX's CPU backend runs a 2048-token prefill of even a 135M
-        model for minutes, so there we measure PROBE_TOKENS and extrapolate: linear in tokens,
-        plus the quadratic attention scores (heads x tokens x tokens, fp32, scores and probs).
+        model for seconds, so there we measure prefills of PROBE_TOKENS / 2 and PROBE_TOKENS and
+        extrapolate: a fixed part, a per-token part linear in the step's tokens, a logits row per
+        sequence, and two attention calls at the most they may hold (the step's calls run one
+        after another, see attention.py), or the step's whole attention where that is less.
         """
         runner = self.model_runner
-        probe = tokens if on_gpu() else min(tokens, PROBE_TOKENS)
-        mx.reset_peak_memory()
-        runner.profile_forward(probe)
-        measured = max(0, mx.get_peak_memory() - runner.loaded.weight_bytes)
-        if probe == tokens:
-            return measured
-        heads = max(s.q_heads for s in runner.loaded.specs)
-        return measured * tokens // probe + 2 * 4 * heads * tokens * (tokens + runner.block_size)
+        lens, starts = runner.worst_step()
+        if on_gpu():
+            return runner.profile_step(lens, starts)
+        probe = max(1, min(sum(lens), PROBE_TOKENS, self.model_config.max_model_len) // 2)
+        one, two = runner.profile_step([probe], [0]), runner.profile_step([2 * probe], [0])
+        per_token = max(two - one, 0) / probe
+        linear = int(max(one - per_token * probe, 0) + per_token * sum(lens))
+        logits_rows = len(lens) * runner.vocab_size * 4 * 2  # float32 logits and their torch copy
+        attention = 0
+        if runner.paged:
+            limits = attention_limits(runner.loaded.specs, runner.loaded.dtype, runner.attention_budget)
+            unsplit = sum(limits.cost(1, n, s + n) for n, s in zip(lens, starts, strict=True))
+            attention = min(2 * limits.budget, unsplit)
+        return linear + logits_rows + attention
 
     def initialize_from_config(self, kv_cache_config: KVCacheConfig) -> None:
-        self.model_runner.initialize_kv_cache(kv_cache_config)
+        runner = self.model_runner
+        runner.initialize_kv_cache(kv_cache_config)
         # MLX keeps freed buffers for reuse, by default up to its whole memory limit; bound that
         # cache by one step's activations so memory under load stays weights + KV + one step.
         limit = max(self.activation_bytes, MIN_BUFFER_CACHE)
         mx.set_cache_limit(limit)
-        logger.info("vllm-metal: MLX buffer cache capped at %.0f MiB", limit / 2**20)
+        # MLX waits for running work before it allocates past its memory limit: with the limit at
+        # what startup reserved, a step's attention calls (chained, see attention.py) run in turn
+        # instead of all allocating at once.
+        kv = runner.kv.nbytes() if runner.kv is not None else kv_cache_config.num_blocks * runner.kv_bytes_per_block()
+        reserved = runner.loaded.weight_bytes + kv + limit
+        mx.set_memory_limit(reserved)
+        logger.info("vllm-metal: MLX buffer cache capped at %.0f MiB; MLX memory limit %.2f GiB "
+                    "(weights + KV cache + activations)", limit / 2**20, reserved / 2**30)
 
     def compile_or_warm_up_model(self) -> CompilationTimes:
         start = time.perf_counter()
@@ -167,7 +200,7 @@ class MetalWorker(WorkerBase):
         return self.model_runner.sample_tokens(grammar_output)
 
     def execute_dummy_batch(self) -> None:
-        self.model_runner.profile_forward(1)
+        self.model_runner.profile_step([1], [0])
 
     def synchronize_device(self) -> None:
         mx.synchronize()
