@@ -110,7 +110,7 @@ class StepMetadata:
     groups: list[AttnGroup]
     out_order: mx.array | None  # (T,) packed token -> row of the group outputs; None = identity
     slot_range: tuple[int, int] | None = None  # the step's slots form one run [a, b): slice write
-    sequential: bool = False  # the groups exceed one call's budget together: evaluate them in turn
+    sequential: bool = False  # the groups exceed one call's budget together: evaluate each in turn
     limits: AttnLimits | None = None  # one sequence: its chunk is tiled by these (see attend)
 
     @cached_property
@@ -128,8 +128,8 @@ class AttnLimits:
 
     A call over ``S`` sequences padded to ``lq`` queries and ``ctx`` context positions holds the
     gathered K/V (``S * ctx`` tokens of one layer) and the scores (``S * heads * lq * ctx``).
-    A step's calls are evaluated one after another (``StepMetadata.sequential``), so with MLX's
-    memory limit throttling the evaluation, a step holds about two calls' worth at a time.
+    A step whose calls exceed the budget together (``StepMetadata.sequential``) evaluates them one
+    after another, so it holds about one call's worth at a time.
     """
 
     heads: int  # query heads (the widest layer's)
@@ -302,8 +302,9 @@ def paged_attention(
     Returns ``(T, H, D)``. Each group gathers its sequences' blocks and runs one fused SDPA with
     an absolute-position causal mask (plus window); a group of one sequence reads exactly its
     context with SDPA's own causal mask instead, in query tiles if ``meta.limits`` asks. The rows
-    are put back in packed order. Groups (and tiles) are chained when ``meta.sequential``, so
-    MLX evaluates them in turn instead of holding all their scores at once.
+    are put back in packed order. When ``meta.sequential`` (or a chunk is tiled) each call is
+    evaluated as soon as it is recorded, so the device holds one call's scores at a time, not all
+    of them (MLX keeps a command buffer's temporaries until the whole buffer has run).
     """
     num_blocks = k_pool.shape[0] // block_size
     kvh, dk = k_pool.shape[1], k_pool.shape[-1]
@@ -313,8 +314,10 @@ def paged_attention(
     outs: list[mx.array] = []
     chain = meta.sequential
 
-    def after_previous(*arrays: mx.array) -> list[mx.array]:
-        return list(mx.depends(list(arrays), [outs[-1]])) if chain and outs else list(arrays)
+    def done(o: mx.array) -> None:
+        outs.append(o)
+        if chain:
+            mx.eval(o)
 
     for g in meta.groups:
         s, lq = g.tok.shape
@@ -325,14 +328,13 @@ def paged_attention(
             q = q.reshape(lq, -1, dk)
             for a, b in tiles:
                 ctx = g.ctx_len - lq + b
-                qa, table = after_previous(q[a:b], g.block_table[0])
-                k = k_blocks[table].reshape(-1, kvh, dk)[:ctx]
-                v = v_blocks[table].reshape(-1, kvh, dv)[:ctx]
+                k = k_blocks[g.block_table[0]].reshape(-1, kvh, dk)[:ctx]
+                v = v_blocks[g.block_table[0]].reshape(-1, kvh, dv)[:ctx]
                 o = mx.fast.scaled_dot_product_attention(
-                    qa.transpose(1, 0, 2)[None], k.transpose(1, 0, 2)[None], v.transpose(1, 0, 2)[None],
+                    q[a:b].transpose(1, 0, 2)[None], k.transpose(1, 0, 2)[None], v.transpose(1, 0, 2)[None],
                     scale=scale, mask="causal" if b - a > 1 else None, sinks=sinks,
                 )
-                outs.append(o[0].transpose(1, 0, 2))
+                done(o[0].transpose(1, 0, 2))
             continue
         ctx = g.table.shape[1] * block_size
         tiles = [(0, lq)] if meta.limits is None or s > 1 else meta.limits.tiles(lq, ctx)
@@ -340,15 +342,14 @@ def paged_attention(
         q = q.reshape(s, lq, -1, dk).transpose(0, 2, 1, 3)
         mask = g.mask(window, block_size)
         for a, b in tiles:  # one sequence's chunk behind a sliding window: tiles of query rows
-            qa, table = after_previous(q[:, :, a:b], g.block_table)
-            k = k_blocks[table].reshape(s, ctx, kvh, dk)
-            v = v_blocks[table].reshape(s, ctx, kvh, dv)
+            k = k_blocks[g.block_table].reshape(s, ctx, kvh, dk)
+            v = v_blocks[g.block_table].reshape(s, ctx, kvh, dv)
             o = mx.fast.scaled_dot_product_attention(
-                qa, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), scale=scale,
+                q[:, :, a:b], k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), scale=scale,
                 mask=mask[:, :, a:b], sinks=sinks,
             )
             o = o.transpose(0, 2, 1, 3).reshape(s * (b - a), -1, dv)
-            outs.append(o if g.valid_rows is None else o[g.valid_rows])
+            done(o if g.valid_rows is None else o[g.valid_rows])
     out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
     return out if meta.out_order is None else out[meta.out_order]
 
@@ -542,11 +543,10 @@ class PagedLayerCache:
         outs: list[mx.array] = []
         for a, b in tiles:
             ctx = k.shape[2] - n + b  # the tile's queries see up to its last one (bottom-right causal)
-            qa = q[:, :, a:b]
-            if outs:
-                (qa,) = mx.depends([qa], [outs[-1]])
             outs.append(mx.fast.scaled_dot_product_attention(
-                qa, k[:, :, :ctx], v[:, :, :ctx], scale=scale, mask="causal", sinks=sinks))
+                q[:, :, a:b], k[:, :, :ctx], v[:, :, :ctx], scale=scale, mask="causal", sinks=sinks))
+            if len(tiles) > 1:
+                mx.eval(outs[-1])  # one tile's scores at a time (see paged_attention)
         o = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
         return _as(o.transpose(2, 1, 0, 3), queries.dtype)
 

@@ -173,8 +173,7 @@ class MetalWorker(WorkerBase):
         limit = max(self.activation_bytes, MIN_BUFFER_CACHE)
         mx.set_cache_limit(limit)
         # MLX waits for running work before it allocates past its memory limit: with the limit at
-        # what startup reserved, a step's attention calls (chained, see attention.py) run in turn
-        # instead of all allocating at once.
+        # what startup reserved, a step that runs ahead of the device waits there.
         kv = runner.kv.nbytes() if runner.kv is not None else kv_cache_config.num_blocks * runner.kv_bytes_per_block()
         reserved = runner.loaded.weight_bytes + kv + limit
         mx.set_memory_limit(reserved)
