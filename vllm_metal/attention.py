@@ -326,12 +326,12 @@ def paged_attention(
             tiles = [(0, lq)] if meta.limits is None or lq == 1 else meta.limits.tiles(lq, g.ctx_len)
             chain = chain or len(tiles) > 1
             q = q.reshape(lq, -1, dk)
+            k = k_blocks[g.block_table[0]].reshape(-1, kvh, dk).transpose(1, 0, 2)[None]
+            v = v_blocks[g.block_table[0]].reshape(-1, kvh, dv).transpose(1, 0, 2)[None]
             for a, b in tiles:
                 ctx = g.ctx_len - lq + b
-                k = k_blocks[g.block_table[0]].reshape(-1, kvh, dk)[:ctx]
-                v = v_blocks[g.block_table[0]].reshape(-1, kvh, dv)[:ctx]
                 o = mx.fast.scaled_dot_product_attention(
-                    q[a:b].transpose(1, 0, 2)[None], k.transpose(1, 0, 2)[None], v.transpose(1, 0, 2)[None],
+                    q[a:b].transpose(1, 0, 2)[None], k[:, :, :ctx], v[:, :, :ctx],
                     scale=scale, mask="causal" if b - a > 1 else None, sinks=sinks,
                 )
                 done(o[0].transpose(1, 0, 2))
@@ -341,12 +341,11 @@ def paged_attention(
         chain = chain or len(tiles) > 1
         q = q.reshape(s, lq, -1, dk).transpose(0, 2, 1, 3)
         mask = g.mask(window, block_size)
+        k = k_blocks[g.block_table].reshape(s, ctx, kvh, dk).transpose(0, 2, 1, 3)
+        v = v_blocks[g.block_table].reshape(s, ctx, kvh, dv).transpose(0, 2, 1, 3)
         for a, b in tiles:  # one sequence's chunk behind a sliding window: tiles of query rows
-            k = k_blocks[g.block_table].reshape(s, ctx, kvh, dk)
-            v = v_blocks[g.block_table].reshape(s, ctx, kvh, dv)
             o = mx.fast.scaled_dot_product_attention(
-                q[:, :, a:b], k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), scale=scale,
-                mask=mask[:, :, a:b], sinks=sinks,
+                q[:, :, a:b], k, v, scale=scale, mask=mask[:, :, a:b], sinks=sinks,
             )
             o = o.transpose(0, 2, 1, 3).reshape(s * (b - a), -1, dv)
             done(o if g.valid_rows is None else o[g.valid_rows])
@@ -366,9 +365,9 @@ class PagedKVStore:
     """
 
     def __init__(self, specs: list[LayerSpec], num_blocks: int, block_size: int, dtype: mx.Dtype,
-                 attention_budget: int | None = None):
+                 limits: AttnLimits | None = None):
         self.block_size = block_size
-        self.limits = None if attention_budget is None else attention_limits(specs, dtype, attention_budget)
+        self.limits = limits  # how a step's attention is split (None: one call per kind)
         self.num_blocks = num_blocks
         slots = num_blocks * block_size
         self.k = [mx.zeros((slots, s.kv_heads, 1, s.head_dim), dtype=dtype) for s in specs]

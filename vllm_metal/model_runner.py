@@ -26,7 +26,13 @@ from vllm.v1.sample.sampler import Sampler
 from vllm.v1.worker.gpu_input_batch import CachedRequestState, InputBatch
 
 from vllm_metal import envs
-from vllm_metal.attention import PagedKVStore, UnsupportedModelError, build_step_metadata
+from vllm_metal.attention import (
+    AttnLimits,
+    PagedKVStore,
+    UnsupportedModelError,
+    attention_limits,
+    build_step_metadata,
+)
 from vllm_metal.bridge import mlx_to_torch
 from vllm_metal.device import EvalTimer, device_memory_bytes
 from vllm_metal.loader import LoadedModel, load, resolve_model_dir
@@ -82,7 +88,6 @@ class MetalModelRunner:
         self.max_num_reqs = self.scheduler_config.max_num_seqs
         self.max_num_tokens = self.scheduler_config.max_num_batched_tokens
         self.vocab_size = self.model_config.get_vocab_size()
-        self.attention_budget = attention_budget(self.envs.attention_mb)
         # a failed step is answered with FailedStep only where the scheduler knows what that is
         self.survives_failed_steps = str(self.scheduler_config.scheduler_cls) in OUR_SCHEDULERS
         self.requests: dict[str, CachedRequestState] = {}
@@ -92,6 +97,7 @@ class MetalModelRunner:
             build_logitsprocs(vllm_config, self.device, False, False, ())
         )
         self.loaded: LoadedModel | None = None
+        self.attention_limits: AttnLimits | None = None  # of the loaded model's layers
         self.kv: PagedKVStore | None = None
         self.mlx_caches: MlxManagedCaches | None = None  # VLLM_METAL_USE_PAGED_ATTENTION=0
         self._pending: _PendingStep | FailedStep | None = None
@@ -117,6 +123,8 @@ class MetalModelRunner:
     def load_model(self) -> None:
         path = resolve_model_dir(self.model_config.model)
         self.loaded = load(path, self.model_config.dtype, self.model_config.trust_remote_code)
+        self.attention_limits = attention_limits(self.loaded.specs, self.loaded.dtype,
+                                                 attention_budget(self.envs.attention_mb))
 
     @property
     def num_layers(self) -> int:
@@ -160,7 +168,8 @@ class MetalModelRunner:
         logger.info(
             "vllm-metal: paged KV cache of %d blocks x %d tokens (%.1f MiB); attention calls hold "
             "up to %.0f MiB each",
-            self.kv.num_blocks, self.block_size, self.kv.nbytes() / 2**20, self.attention_budget / 2**20,
+            self.kv.num_blocks, self.block_size, self.kv.nbytes() / 2**20,
+            self.attention_limits.budget / 2**20,
         )
 
     def _prefix_bytes(self) -> int:
@@ -174,7 +183,7 @@ class MetalModelRunner:
             self.mlx_caches = MlxManagedCaches(self.loaded, self._prefix_bytes(), self.block_size, self.evaluate)
             return
         self.kv = PagedKVStore(self.loaded.specs, self._num_blocks, self.block_size, self.loaded.dtype,
-                               self.attention_budget)
+                               self.attention_limits)
 
     def worst_step(self) -> tuple[list[int], list[int]]:
         """The step that holds the most memory the scheduler can send (query lengths, first
@@ -224,7 +233,7 @@ class MetalModelRunner:
         need = max(-(-(s + n) // self.block_size) for n, s in zip(lens, starts, strict=True))
         table = np.arange(1, 1 + need)  # block 0 stays unused, as in vLLM's pool
         store = PagedKVStore(self.loaded.specs, 1 + need, self.block_size, self.loaded.dtype,
-                             self.attention_budget)
+                             self.attention_limits)
         saved, self.kv = self.kv, store
         try:
             meta = build_step_metadata(lens, starts, [table] * len(lens), self.block_size, store.limits)
@@ -455,7 +464,7 @@ class MetalModelRunner:
         mx.clear_cache()
         self._new_caches()
         return FailedStep(req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
-                          error=error, failed_req_ids=req_ids)
+                          error=error)
 
     def _sample(self, pending: _PendingStep, grammar_output) -> ModelRunnerOutput:
         entered = time.perf_counter()

@@ -10,7 +10,7 @@ is gone. The engine keeps serving.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from vllm.logger import init_logger
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
@@ -24,10 +24,10 @@ logger = init_logger("vllm.metal")
 
 @dataclass
 class FailedStep(ModelRunnerOutput):
-    """The runner's answer for a step that failed: no tokens; ``error`` says what happened."""
+    """The runner's answer for a step that failed: ``req_ids`` are the step's requests, none
+    sampled; ``error`` says what happened."""
 
     error: str = ""
-    failed_req_ids: list[str] = field(default_factory=list)
 
 
 class _FailedStepHandling:
@@ -36,7 +36,7 @@ class _FailedStepHandling:
             return super().update_from_output(scheduler_output, model_runner_output)
         # Only requests still running this step's work fail; one preempted by an earlier failure
         # (its output here is stale) is recomputed like the others.
-        failed = [r for r in model_runner_output.failed_req_ids
+        failed = [r for r in model_runner_output.req_ids
                   if (req := self.requests.get(r)) is not None and req.status == RequestStatus.RUNNING]
         running = len(self.running)
         self.reset_prefix_cache(reset_running_requests=True)  # drops in-flight output, frees blocks

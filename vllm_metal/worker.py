@@ -19,7 +19,6 @@ from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheSpec
 from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
 
 from vllm_metal import compat, envs
-from vllm_metal.attention import attention_limits
 from vllm_metal.device import describe_device, device_memory_bytes, on_gpu, select_device
 from vllm_metal.model_runner import MetalModelRunner
 
@@ -160,7 +159,7 @@ class MetalWorker(WorkerBase):
         logits_rows = len(lens) * runner.vocab_size * 4 * 2  # float32 logits and their torch copy
         attention = 0
         if runner.paged:
-            limits = attention_limits(runner.loaded.specs, runner.loaded.dtype, runner.attention_budget)
+            limits = runner.attention_limits
             unsplit = sum(limits.cost(1, n, s + n) for n, s in zip(lens, starts, strict=True))
             attention = min(2 * limits.budget, unsplit)
         return linear + logits_rows + attention
