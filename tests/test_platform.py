@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import psutil
 import pytest
 
 import vllm_metal
@@ -141,18 +142,26 @@ def test_rope_parameters_are_lifted_for_mlx_lm():
     assert compat.mlx_lm_config_overrides({}) == {}
 
 
-def test_startup_that_cannot_fit_names_the_knob(models):
-    """A memory fraction too small for weights + activations fails fast with the remedy."""
-    env = {**os.environ, "VLLM_MLX_DEVICE": "cpu", "VLLM_METAL_MEMORY_FRACTION": "0.001"}
+@pytest.mark.parametrize(("case", "env", "args", "phrases"), [
+    ("fraction", {"VLLM_METAL_MEMORY_FRACTION": "0.001"}, [],
+     ["no memory left for the KV cache", "VLLM_METAL_MEMORY_FRACTION", "--kv-cache-memory-bytes"]),
+    # an explicit KV cache as large as the machine leaves no room for weights and the largest step
+    ("explicit", {}, ["--kv-cache-memory-bytes", str(psutil.virtual_memory().total)],
+     ["exceed the device", "Lower --kv-cache-memory-bytes", "--max-num-batched-tokens",
+      "VLLM_METAL_ATTENTION_MB"]),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_startup_that_cannot_fit_names_the_knob(models, case, env, args, phrases):
+    """Weights + KV cache + the largest step's activations that cannot fit fail fast with the remedy."""
+    env = {**os.environ, "VLLM_MLX_DEVICE": "cpu", **env}
     out = subprocess.run(
         [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(models.hf),
-         "--max-model-len", "256", "--max-num-batched-tokens", "256", "--port", "18998"],
+         "--max-model-len", "256", "--max-num-batched-tokens", "256", "--port", "18998", *args],
         capture_output=True, text=True, timeout=300, env=env,
     )
     assert out.returncode != 0
     log = out.stdout + out.stderr
-    assert "no memory left for the KV cache" in log
-    assert "VLLM_METAL_MEMORY_FRACTION" in log and "--kv-cache-memory-bytes" in log
+    for phrase in phrases:
+        assert phrase in log, (phrase, log[-3000:])
 
 
 def test_runner_protocol_is_pinned_to_v1(models, monkeypatch):
