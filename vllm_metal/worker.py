@@ -165,19 +165,12 @@ class MetalWorker(WorkerBase):
         return linear + logits_rows + attention
 
     def initialize_from_config(self, kv_cache_config: KVCacheConfig) -> None:
-        runner = self.model_runner
-        runner.initialize_kv_cache(kv_cache_config)
+        self.model_runner.initialize_kv_cache(kv_cache_config)
         # MLX keeps freed buffers for reuse, by default up to its whole memory limit; bound that
         # cache by one step's activations so memory under load stays weights + KV + one step.
         limit = max(self.activation_bytes, MIN_BUFFER_CACHE)
         mx.set_cache_limit(limit)
-        # MLX waits for running work before it allocates past its memory limit: with the limit at
-        # what startup reserved, a step that runs ahead of the device waits there.
-        kv = runner.kv.nbytes() if runner.kv is not None else kv_cache_config.num_blocks * runner.kv_bytes_per_block()
-        reserved = runner.loaded.weight_bytes + kv + limit
-        mx.set_memory_limit(reserved)
-        logger.info("vllm-metal: MLX buffer cache capped at %.0f MiB; MLX memory limit %.2f GiB "
-                    "(weights + KV cache + activations)", limit / 2**20, reserved / 2**30)
+        logger.info("vllm-metal: MLX buffer cache capped at %.0f MiB", limit / 2**20)
 
     def compile_or_warm_up_model(self) -> CompilationTimes:
         start = time.perf_counter()
