@@ -391,9 +391,9 @@ def test_place_consecutive_moves_blocks_with_their_contents(seed):
 
 
 def test_place_consecutive_moves_few_blocks_in_place(monkeypatch):
-    """The run starts where most of the blocks already are (a prefix hit on block 1 followed by a
-    run moves one block), the pools are updated in place (no pool-sized copy: the moved rows
-    are read in an evaluation of their own), and a move over MAX_MOVE_BYTES is skipped."""
+    """A prefix hit on block 1 followed by a run of four: placing them consecutively swaps one
+    block (not the run), the pools are updated in place (no pool-sized copy: the moved rows are
+    read in an evaluation of their own), and a move over MAX_MOVE_BYTES is skipped."""
     bs, num_blocks = 16, 2048
     store = PagedKVStore([LayerSpec(4, 2, 64, 64, None)] * 4, num_blocks, bs, mx.float32)
     for pools in (store.k, store.v):
@@ -407,8 +407,8 @@ def test_place_consecutive_moves_few_blocks_in_place(monkeypatch):
     mx.eval(store.arrays())
     pool_bytes = store.k[0].nbytes  # 4 MiB
     assert mx.get_peak_memory() - base < pool_bytes // 4
-    np.testing.assert_array_equal(store.phys[blocks], [17, 18, 19, 20, 21])
-    assert store.phys[17] == 1 and (np.flatnonzero(store.phys != np.arange(num_blocks)) == [1, 17]).all()
+    np.testing.assert_array_equal(np.diff(store.phys[blocks]), 1)
+    assert len(np.flatnonzero(store.phys != np.arange(num_blocks))) <= 2  # one block in, its owner out
     monkeypatch.setattr(attention, "MAX_MOVE_BYTES", 2 * store.nbytes() // num_blocks)  # two blocks
     before = store.phys.copy()
     store.place_consecutive(np.array([300, 200, 100]))  # four blocks would move
@@ -418,18 +418,18 @@ def test_place_consecutive_moves_few_blocks_in_place(monkeypatch):
 
 
 def test_placed_run_grows_into_the_next_fresh_block(monkeypatch):
-    """A sequence on a prefix hit (blocks 1-3) that continued on a fresh block (40) is placed so
-    that its run ends at block 40: decode then grows into blocks 41 and 42, the ones vLLM hands
-    out next, without another move. Where that placement would move more than MAX_MOVE_BYTES, the
-    run starts where most blocks already are (block 40 moves next to the prefix) instead."""
+    """A sequence on a prefix hit (blocks 1-3) that continued on a fresh block (40) is placed as
+    one run that decode then grows into blocks 41 and 42, the ones vLLM hands out next, without
+    another move; contents stay with their block ids. Where that placement would move more than
+    MAX_MOVE_BYTES, a placement within it is found instead."""
     bs, num_blocks = 4, 64
     store = _random_store(num_blocks, bs, 7)
     want = _by_block_id(store)
     seq = [1, 2, 3, 40]
     store.physical_tables([np.array(seq)], [len(seq) * bs - 1])
-    np.testing.assert_array_equal(store.phys[seq], [37, 38, 39, 40])
+    np.testing.assert_array_equal(np.diff(store.phys[seq]), 1)
     placed, moved = store.phys.copy(), store.moved_blocks
-    assert moved == 6  # three blocks in, three owners out
+    assert moved <= 2 * len(seq)  # each block of the run in, its place's owner out
     for fresh in (41, 42):
         seq.append(fresh)
         tables = store.physical_tables([np.array(seq)], [(len(seq) - 1) * bs + 1])
@@ -441,9 +441,12 @@ def test_placed_run_grows_into_the_next_fresh_block(monkeypatch):
 
     store = _random_store(num_blocks, bs, 8)
     monkeypatch.setattr(attention, "MAX_MOVE_BYTES", 2 * store.nbytes() // num_blocks)  # two blocks
+    want = _by_block_id(store)
     store.physical_tables([np.array([1, 2, 3, 40])], [15])
-    np.testing.assert_array_equal(store.phys[[1, 2, 3, 40]], [1, 2, 3, 4])
-    assert store.moved_blocks == 2
+    np.testing.assert_array_equal(np.diff(store.phys[[1, 2, 3, 40]]), 1)
+    assert store.moved_blocks <= 2  # within MAX_MOVE_BYTES
+    for got, ref in zip(_by_block_id(store), want, strict=True):
+        np.testing.assert_array_equal(got, ref)
 
 
 def test_single_sequence_reads_one_slice_after_placement():
