@@ -1,9 +1,8 @@
-"""torch <-> MLX tensor bridge: dtype-exact (bfloat16 included), zero-copy where memory allows.
+"""MLX -> torch tensors (the logits the sampler reads) and the dtype maps between the two.
 
 MLX -> torch is zero-copy on the host (MLX buffers are read through numpy's buffer protocol;
-on Apple Silicon that is the same unified memory the GPU wrote). torch -> MLX copies once,
-because MLX arrays own their memory. bfloat16 has no numpy dtype, so it travels as its
-16-bit pattern and is reinterpreted on the other side.
+on Apple Silicon that is the same unified memory the GPU wrote) and dtype-exact: bfloat16 has
+no numpy dtype, so it travels as its 16-bit pattern and is reinterpreted on the torch side.
 """
 
 from __future__ import annotations
@@ -56,13 +55,3 @@ def mlx_to_torch(a: mx.array) -> torch.Tensor:
     torch_dtype = mlx_dtype_to_torch(a.dtype)  # raises for unsupported dtypes
     t = torch.from_numpy(_host(a))
     return t if t.dtype == torch_dtype else t.to(torch_dtype)
-
-
-def torch_to_mlx(t: torch.Tensor) -> mx.array:
-    """Copy a torch tensor (any device) into a new MLX array of the same dtype and shape."""
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    if t.dtype == torch.bfloat16:
-        return mx.array(t.contiguous().view(torch.int16).numpy()).view(mx.bfloat16)
-    return mx.array(t.contiguous().numpy(), dtype=torch_dtype_to_mlx(t.dtype))
