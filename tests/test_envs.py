@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import _ctypes
-import dataclasses
 import os
 import subprocess
 import sys
@@ -39,7 +38,7 @@ ACCEPTS_ANYTHING = {"VLLM_METAL_MODELSCOPE_CACHE"}  # a path; empty means unset
 DEFAULTS = envs.MetalEnvs(
     memory_fraction="auto", attention_mb="auto", use_mlx=True, mlx_device="gpu", cpu_blas="auto", block_size=16,
     use_paged_attention=True, debug=False, use_modelscope=False, modelscope_cache=None,
-    prefix_cache=False, prefix_cache_fraction=0.05, block_size_set=False, prefix_cache_set=False,
+    prefix_cache=False, prefix_cache_fraction=0.05, prefix_cache_set=False,
 )
 
 
@@ -56,8 +55,7 @@ def test_defaults():
 @pytest.mark.parametrize("var", ENV_VARS, ids=NAMES)
 def test_default_parses(var):
     var.parse(var.name, var.default)  # must not raise
-    expected = dataclasses.replace(DEFAULTS, block_size_set=var.name == "VLLM_METAL_BLOCK_SIZE")
-    assert load(environ={var.name: var.default}) == expected
+    assert load(environ={var.name: var.default}) == DEFAULTS
 
 
 @pytest.mark.parametrize(
@@ -81,7 +79,7 @@ def test_reads_os_environ_by_default(monkeypatch):
     monkeypatch.setenv("VLLM_METAL_BLOCK_SIZE", "64")
     monkeypatch.setenv("VLLM_MLX_DEVICE", "cpu")
     cfg = load()
-    assert cfg.block_size == 64 and cfg.block_size_set
+    assert cfg.block_size == 64
     assert cfg.mlx_device == "cpu"
     monkeypatch.setenv("VLLM_METAL_BLOCK_SIZE", "15")
     with pytest.raises(MetalConfigError, match="VLLM_METAL_BLOCK_SIZE"):
@@ -166,8 +164,7 @@ def test_block_size():
     with pytest.raises(MetalConfigError, match="VLLM_METAL_BLOCK_SIZE"):
         load(environ={"VLLM_METAL_BLOCK_SIZE": "15"})
     cfg = load(environ={"VLLM_METAL_BLOCK_SIZE": "32"})
-    assert cfg.block_size == 32 and cfg.block_size_set
-    assert not load(environ={}).block_size_set
+    assert cfg.block_size == 32
 
 
 @pytest.mark.parametrize("raw,is_set,enabled", [

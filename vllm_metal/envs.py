@@ -196,7 +196,6 @@ class MetalEnvs:
     modelscope_cache: str | None
     prefix_cache: bool
     prefix_cache_fraction: float
-    block_size_set: bool
     prefix_cache_set: bool
 
 
@@ -218,7 +217,6 @@ def load(environ: dict[str, str] | None = None) -> MetalEnvs:
         modelscope_cache=parsed["VLLM_METAL_MODELSCOPE_CACHE"],
         prefix_cache=parsed["VLLM_METAL_PREFIX_CACHE"],
         prefix_cache_fraction=parsed["VLLM_METAL_PREFIX_CACHE_FRACTION"],
-        block_size_set="VLLM_METAL_BLOCK_SIZE" in env,
         prefix_cache_set=bool(env.get("VLLM_METAL_PREFIX_CACHE")),
     )
     if not cfg.use_mlx:
