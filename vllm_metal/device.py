@@ -28,9 +28,9 @@ def gpu_backend() -> str | None:
 
 # MLX ends a GPU command buffer (a CUDA graph on NVIDIA) once the arrays its kernels read add up
 # to MLX_MAX_MB_PER_BUFFER megabytes (1000 on an H100/H200). Each K/V write reads its layer's whole
-# pool (it updates it in place), so a pool of a few GB cut every decode step into extra buffers:
-# +0.3 ms of launch per step, served, on an H200 (benchmarks.served_steps). The kernel count
-# (MLX_MAX_OPS_PER_BUFFER) still bounds each buffer.
+# pool (it updates it in place), so with that default a pool of a few GB cuts every decode step
+# into extra buffers, each one more launch; we lift the byte bound and let the kernel count
+# (MLX_MAX_OPS_PER_BUFFER) bound each buffer.
 # MLX's CUDA backend caches the CUDA graphs it builds (MLX_CUDA_GRAPH_CACHE_SIZE, 400, least recently
 # used out) and by default raises "Cache thrashing is happening" on every miss once a process has
 # missed 800 times in its life (MLX_ENABLE_CACHE_THRASHING_CHECK): a server's steps keep changing
