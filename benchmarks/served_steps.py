@@ -5,7 +5,7 @@
 
 Both paths run as real ``vllm serve`` with ``VLLM_METAL_DEBUG=1``, side by side, taking turns over
 the same sequential streamed chat requests (as ``paged_vs_mlx_cache`` does). Each one-token decode
-step's debug line is parsed; the report gives medians per path of ``forward`` (execute_model) and
+step's debug record (``StepRecord``) is read; the report gives medians per path of ``forward`` (execute_model) and
 its ``launch`` (kernels encoded and submitted) and ``wait`` (for the device) parts, ``sample``,
 ``outside`` (the engine between steps), and the client-side TPOT. ``--no-prefix-caching`` gives every
 request fresh consecutive blocks (no prefix hit, so no gather on the paged path).
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import sys
 import time
@@ -27,29 +26,30 @@ from benchmarks.paged_vs_mlx_cache import VllmMetalMlxCache, VllmMetalPaged, rou
 from benchmarks.prompts import eos_logit_bias, sweep_prompts
 from benchmarks.sweep import _token_counter
 from benchmarks.systems import Setup
+from vllm_metal.model_runner import StepRecord
 
 FIELDS = ("forward", "launch", "wait", "between", "sample", "outside")
-_DECODE_STEP = re.compile(
-    r"vllm-metal step: 1 reqs, 1 tokens \(1 decode\), forward ([\d.]+) ms \(launch ([\d.]+) ms, "
-    r"wait ([\d.]+) ms\), between ([\d.]+) ms, sample ([\d.]+) ms, outside ([\d.]+|nan) ms"
-)
 
 
-_MOVED = re.compile(r"blocks moved (\d+)")
+def _records(log: str) -> list[StepRecord]:
+    return [r for r in map(StepRecord.from_log, log.splitlines()) if r is not None]
 
 
-def _step(match: re.Match) -> dict[str, float]:
+def _is_decode(r: StepRecord) -> bool:
+    """A single-sequence one-token step."""
+    return r.reqs == 1 and r.tokens == 1 and r.decode == 1
+
+
+def _step(r: StepRecord) -> dict[str, float]:
     """A step's times in ms, and ``moved``: the blocks the paged placement moved in it."""
-    step = dict(zip(FIELDS, map(float, match.groups()), strict=True))
-    line_end = match.string.find("\n", match.end())  # the rest of this step's line, only
-    moved = _MOVED.search(match.string, match.end(), line_end if line_end >= 0 else len(match.string))
-    step["moved"] = float(moved.group(1)) if moved else 0.0
+    step = {f: getattr(r, f"{f}_ms") for f in FIELDS}
+    step["moved"] = float(r.moved_blocks)
     return step
 
 
 def decode_steps(log: str) -> list[dict[str, float]]:
     """Every single-sequence one-token step of a ``VLLM_METAL_DEBUG=1`` server log, in ms."""
-    return [_step(m) for m in _DECODE_STEP.finditer(log)]
+    return [_step(r) for r in _records(log) if _is_decode(r)]
 
 
 def moves(steps: list[dict[str, float]]) -> dict[str, float]:
@@ -67,14 +67,14 @@ def request_steps(log: str) -> list[list[dict[str, float]]]:
     """The one-token decode steps of each single-stream request, in order: a step that decodes no
     token (a prefill chunk) starts the next request; requests without decode steps are dropped."""
     requests: list[list[dict[str, float]]] = []
-    for line in log.splitlines():
-        if "vllm-metal step: 1 reqs" not in line:
+    for r in _records(log):
+        if r.reqs != 1:
             continue
-        if "(0 decode)" in line:
+        if r.decode == 0:
             if not requests or requests[-1]:
                 requests.append([])
-        elif requests and (m := _DECODE_STEP.search(line)):
-            requests[-1].append(_step(m))
+        elif requests and _is_decode(r):
+            requests[-1].append(_step(r))
     return [r for r in requests if r]
 
 

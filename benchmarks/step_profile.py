@@ -74,7 +74,7 @@ def _ablated_cache(skip: str):
 
 def paged_loop(loaded, prompt: list[int], steps: int, num_blocks: int, block_size: int = 16,
                skip: str | None = None, scattered: bool = False) -> dict:
-    """The plugin's paged step: host metadata, one packed forward, one eval (as ``_forward``)."""
+    """The plugin's paged step: host metadata, one packed forward, one eval (as ``PagedBackend.forward``)."""
     from vllm_metal.attention import PagedKVStore, build_step_metadata
 
     store = PagedKVStore(loaded.specs, num_blocks, block_size, loaded.dtype)

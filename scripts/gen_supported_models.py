@@ -115,7 +115,7 @@ def render(rows: dict[str, dict]) -> str:
         "`tests/test_parity.py`).",
         "",
         "Refusals happen before the engine starts (`vllm_metal/preflight.py` calls",
-        "`vllm_metal.models.registry.check_runnable`, which builds mlx-lm's model without weights):",
+        "`vllm_metal.mlx_lm_models.check_runnable`, which builds mlx-lm's model without weights):",
         "an architecture mlx-lm has no module for is refused with the list of the model types",
         "mlx-lm can build (the `opt` row); layers with recurrent state, shared KV or latent",
         "attention, and attention computed outside mlx-lm's SDPA, are refused with the reason.",

@@ -201,7 +201,7 @@ def _plugin_model_fp32(gguf_file: Path):
     from mlx_lm.utils import load_config
 
     from vllm_metal.gguf.weights import load_model
-    from vllm_metal.models.registry import prepare_mlx_lm
+    from vllm_metal.mlx_lm_models import prepare_mlx_lm
 
     view = ensure_view(gguf_file)
     model, _ = load_model(view, prepare_mlx_lm(load_config(view)))

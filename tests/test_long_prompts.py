@@ -23,6 +23,8 @@ from conftest import VllmServer, completion_tokens
 from references import hf_greedy, tokenizer
 from reliability.procs import engine_core
 
+from vllm_metal.model_runner import StepRecord
+
 MAX_LEN = 1024
 PROMPT_LEN = 950
 CLIENTS = 4
@@ -78,22 +80,15 @@ def test_long_concurrent_prompts_fit_what_startup_reserved(long_server, models):
     with ThreadPoolExecutor(CLIENTS) as pool:
         got = list(pool.map(lambda p: completion_tokens(srv, p, N_NEW), prompts))
 
-    steps = [_step(line) for line in srv.log_tail(2000).splitlines() if "vllm-metal step:" in line]
-    assert any(tokens > 2 * PROMPT_LEN for tokens, _ in steps), \
+    steps = [r for r in map(StepRecord.from_log, srv.log_tail(2000).splitlines()) if r is not None]
+    assert any(r.tokens > 2 * PROMPT_LEN for r in steps), \
         "no step packed several long chunks; the test no longer exercises the crash shape"
     for ids, tokens in zip(prompts, got, strict=True):
         assert tokens == hf_greedy(models.hf, ids, N_NEW)
-    worst = max(peak for _, peak in steps)
+    worst = int(max(r.peak_mib for r in steps) * 2**20)
     assert worst <= activations * (1 + MARGIN), (
         f"a step held {worst / 2**20:.0f} MiB beyond weights and KV; startup reserved "
         f"{activations / 2**20:.0f} MiB")
-
-
-def _step(line: str) -> tuple[int, int]:
-    """(tokens, MLX peak bytes above weights and KV) of a VLLM_METAL_DEBUG step line."""
-    tokens = int(re.search(r"reqs, (\d+) tokens", line).group(1))
-    peak = float(re.search(r"MLX peak above weights and KV (-?[\d.]+) MiB", line).group(1))
-    return tokens, int(peak * 2**20)
 
 
 FAULT_HOOK = textwrap.dedent('''

@@ -34,7 +34,8 @@ import pytest
 from conftest import LOG_DIR, VllmServer, _free_port, completion_tokens
 from references import LONG_TEXT, PROMPTS, hf_greedy, tokenizer
 
-from vllm_metal.models import registry, tiny
+from vllm_metal import mlx_lm_models
+from vllm_metal.models import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -199,8 +200,8 @@ def _row(spec: tiny.TinySpec, test_id: str) -> dict:
 
 def _mlx_module(config: dict) -> str | None:
     try:
-        return registry.check_supported(config)
-    except registry.UnsupportedModelError:
+        return mlx_lm_models.check_supported(config)
+    except mlx_lm_models.UnsupportedModelError:
         return None
 
 
@@ -210,7 +211,7 @@ def _mlx_reference(path: Path, prompts: list[list[int]]) -> list[list[int]]:
     from mlx_lm.generate import generate_step
     from mlx_lm.utils import load_config, load_model
 
-    model, _ = load_model(path, model_config=registry.prepare_mlx_lm(load_config(path)))
+    model, _ = load_model(path, model_config=mlx_lm_models.prepare_mlx_lm(load_config(path)))
     return [[int(t) for t, _ in generate_step(mx.array(p), model, max_tokens=N_NEW)] for p in prompts]
 
 
@@ -283,8 +284,8 @@ def test_architecture_is_refused_at_startup(name, launcher, request):
         reason = match.group(1).strip()
         served, own, cause = EXPECTED_REFUSALS[name]
         assert served in reason, reason
-        with pytest.raises(registry.UnsupportedModelError) as refusal:  # the plugin's own verdict
-            registry.check_runnable(json.loads((path / "config.json").read_text()))
+        with pytest.raises(mlx_lm_models.UnsupportedModelError) as refusal:  # the plugin's own verdict
+            mlx_lm_models.check_runnable(json.loads((path / "config.json").read_text()))
         assert own in str(refusal.value), str(refusal.value)
         if name == tiny.UNSUPPORTED.name:
             listed = reason.split("Supported model types: ")[1]

@@ -3,12 +3,13 @@ alone, concurrent, chunked, prefix-cached, preempted, and on the 4-bit MLX check
 
 from __future__ import annotations
 
-import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import VllmServer, completion_tokens
 from references import hf_greedy, mlx_greedy, prompt_ids
+
+from vllm_metal.model_runner import StepRecord
 
 N_NEW = 32
 
@@ -145,18 +146,18 @@ def test_mlx_managed_cache_path_keeps_tokens(models, prompts, sequential):
         assert srv.metrics().get("vllm:prefix_cache_hits_total", 0.0) - before >= 256
         log = srv.log_path.read_text()
         assert "MLX-managed KV cache" in log
-        # VLLM_METAL_DEBUG splits each step's host time where the engine calls the runner, in the
-        # format benchmarks.served_steps parses (the last request decoded alone).
+        # VLLM_METAL_DEBUG records each step's host time split where the engine calls the runner,
+        # as benchmarks.served_steps reads it (the last request decoded alone).
         from benchmarks.served_steps import decode_steps, request_steps
 
         steps = decode_steps(log)
         assert len(steps) >= N_NEW - 1, log[-2000:]
         # ...and splits them by request: the long prompt's prefill chunks, then one step per token
         assert len(request_steps(log)[-1]) == len(sequential[long_prompt]) - 1, log[-2000:]
-        for s in steps:  # launch and wait are parts of forward (each printed to 0.01 ms)
+        for s in steps:  # launch and wait are parts of forward
             assert s["forward"] > 0 and s["launch"] > 0 and s["sample"] > 0, s
             assert s["launch"] + s["wait"] <= s["forward"] + 0.02, s
-        restored = [int(x) for x in re.findall(r"restored from snapshots so far (\d+)", log)]
+        restored = [r.restored_tokens for r in map(StepRecord.from_log, log.splitlines()) if r is not None]
         assert max(restored) >= 256, "the hit should have been served from a K/V snapshot"
     finally:
         srv.stop()

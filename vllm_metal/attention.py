@@ -21,19 +21,13 @@ was computed, and reading scattered blocks costs two gathers per layer and step.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from functools import cached_property
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 
 MAX_MOVE_BYTES = 64 * 2**20  # K/V one block placement may move (its rows are held twice meanwhile)
-
-
-class UnsupportedModelError(ValueError):
-    """The model cannot run on the paged path; the message says why and what is supported."""
 
 
 @dataclass
@@ -552,96 +546,3 @@ class PagedLayerCache:
 
 def _as(a: mx.array, dtype: mx.Dtype) -> mx.array:
     return a if a.dtype == dtype else a.astype(dtype)
-
-
-def _paged_sdpa(original):
-    def sdpa(queries, keys, values, cache, scale, mask, sinks=None, **kwargs):
-        if isinstance(cache, PagedLayerCache):
-            return cache.attend(queries, scale, sinks)
-        return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks, **kwargs)
-
-    sdpa.__vllm_metal_paged__ = True
-    return sdpa
-
-
-def patch_model_attention(model: nn.Module) -> int:
-    """Route the model's ``scaled_dot_product_attention`` calls to the paged cache.
-
-    mlx-lm model files import ``scaled_dot_product_attention`` from ``mlx_lm.models.base``;
-    we rebind that name in each module that defines a class of this model. Returns how many
-    modules were patched (0 means the model computes attention some other way).
-    """
-    from mlx_lm.models import base
-
-    patched = 0
-    names = {type(m).__module__ for _, m in model.named_modules()}
-    for name in names:
-        module = sys.modules.get(name)
-        fn = getattr(module, "scaled_dot_product_attention", None)
-        if fn is None:
-            continue
-        if getattr(fn, "__vllm_metal_paged__", False):
-            patched += 1
-        elif fn is base.scaled_dot_product_attention:
-            module.scaled_dot_product_attention = _paged_sdpa(fn)
-            patched += 1
-    return patched
-
-
-def layer_specs(model: nn.Module) -> list[LayerSpec]:
-    """Per-layer KV geometry, from the caches mlx-lm would build for this model."""
-    from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
-
-    caches = make_prompt_cache(model)
-    layers = getattr(model, "layers", None)
-    if layers is None or len(layers) != len(caches):
-        raise UnsupportedModelError(
-            f"{type(model).__module__}: cannot map its {len(caches)} caches to layers."
-        )
-    specs = []
-    for i, (layer, cache) in enumerate(zip(layers, caches, strict=True)):
-        if type(cache) not in (KVCache, RotatingKVCache):
-            raise UnsupportedModelError(
-                f"{type(model).__module__}: layer {i} keeps a {type(cache).__name__} "
-                "(recurrent or custom state), which the paged KV path cannot hold yet."
-            )
-        attn = _attention_module(layer)
-        if _first_attr(attn, "kv_lora_rank") is not None:
-            raise UnsupportedModelError(
-                f"{type(model).__module__}: multi-head latent attention (MLA) caches a compressed "
-                "latent and passes the rope scores as the attention mask, which the paged KV path "
-                "does not implement yet."
-            )
-        q_heads = _first_attr(attn, "n_heads", "num_heads", "num_attention_heads")
-        kv_heads = _first_attr(attn, "n_kv_heads", "num_key_value_heads", "num_kv_heads") or q_heads
-        head_dim = _first_attr(attn, "head_dim") or _rows_per_head(attn, "k_proj", kv_heads)
-        if q_heads is None or head_dim is None:
-            raise UnsupportedModelError(
-                f"{type(model).__module__}: cannot read the head layout of layer {i}'s attention."
-            )
-        window = cache.max_size if isinstance(cache, RotatingKVCache) else None
-        v_head_dim = _first_attr(attn, "v_head_dim") or head_dim
-        specs.append(LayerSpec(int(q_heads), int(kv_heads), int(head_dim), int(v_head_dim), window))
-    return specs
-
-
-def _rows_per_head(attn: nn.Module, proj: str, heads: int | None) -> int | None:
-    """Head width from a projection's output rows (mlx-lm's qwen2/qwen3 keep head_dim local)."""
-    weight = getattr(getattr(attn, proj, None), "weight", None)
-    return weight.shape[0] // heads if weight is not None and heads else None
-
-
-def _first_attr(obj, *names: str):
-    for name in names:
-        value = getattr(obj, name, None)
-        if value is not None:
-            return value
-    return None
-
-
-def _attention_module(layer: nn.Module) -> nn.Module:
-    for name in ("self_attn", "attention", "attn", "mixer"):
-        attn = getattr(layer, name, None)
-        if attn is not None:
-            return attn
-    raise UnsupportedModelError(f"cannot find the attention module of {type(layer).__name__}.")

@@ -162,10 +162,11 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "request; vLLM still accounts blocks for admission); needs "
            "`VLLM_METAL_MEMORY_FRACTION=auto`."),
     EnvVar("VLLM_METAL_DEBUG", "0", _bool,
-           "Debug logs: per-step batch shape, KV memory, and the step's host time split where the "
-           "engine calls the runner (`forward`: execute_model, with its `launch` (kernels encoded and "
-           "submitted) and `wait` (for the device) parts; `between`; `sample`; `outside`: the "
-           "engine's own work between steps)."),
+           "Debug logs: one JSON record per step after `vllm-metal step: ` (`StepRecord` in "
+           "`model_runner.py`): batch shape, KV and peak MLX memory, and the step's host time split "
+           "where the engine calls the runner (`forward_ms`: execute_model, with its `launch_ms` "
+           "(kernels encoded and submitted) and `wait_ms` (for the device) parts; `between_ms`; "
+           "`sample_ms`; `outside_ms`: the engine's own work between steps)."),
     EnvVar("VLLM_USE_MODELSCOPE", "False", _vllm_bool,
            "`True`: model ids are ModelScope ids, resolved offline to the local ModelScope cache "
            "(`$MODELSCOPE_CACHE` or `~/.cache/modelscope/hub`); vLLM then needs `pip install modelscope`."),

@@ -1,8 +1,8 @@
 """Load an mlx-lm model for vLLM: HF safetensors, MLX (quantized) checkpoints or GGUF files.
 
-The model object stays mlx-lm's own; we only (1) cast floating weights to vLLM's dtype,
-(2) route its attention to the paged cache and (3) wrap its final norm so the LM head runs
-on the rows we need logits for, not on every prompt token.
+The model object stays mlx-lm's own; the loader casts floating weights to vLLM's dtype and
+hands the model to ``mlx_lm_models.adapt`` (KV geometry, attention routed to the paged cache,
+the LM head run only on the rows that need logits).
 """
 
 from __future__ import annotations
@@ -16,75 +16,37 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 from vllm.logger import init_logger
 
-from vllm_metal import gguf
-from vllm_metal.attention import LayerSpec, UnsupportedModelError, layer_specs, patch_model_attention
+from vllm_metal import gguf, mlx_lm_models
+from vllm_metal.attention import LayerSpec
 from vllm_metal.bridge import torch_dtype_to_mlx
 from vllm_metal.device import on_gpu
-from vllm_metal.models import registry
+from vllm_metal.mlx_lm_models import RowSelect, UnsupportedModelError
 
 logger = init_logger("vllm.metal")
-
-
-class RowSelect(nn.Module):
-    """Wraps a model's final norm: applies it only to ``rows`` of the packed hidden states."""
-
-    def __init__(self, norm: nn.Module):
-        super().__init__()
-        self.inner = norm
-        self.rows: mx.array | None = None
-
-    def __call__(self, x: mx.array) -> mx.array:
-        # Packed (T, 1, H) batches select along axis 0; one (1, n, H) sequence along axis 1.
-        if self.rows is not None:
-            x = x[self.rows] if x.shape[0] > 1 or x.shape[1] == 1 else x[:, self.rows]
-        return self.inner(x)
 
 
 @dataclass
 class LoadedModel:
     model: nn.Module
-    config: dict
-    specs: list[LayerSpec]
-    row_select: RowSelect | None
+    specs: list[LayerSpec]  # per attention layer
+    row_select: RowSelect | None  # the final norm, applied only to the rows that need logits
     dtype: mx.Dtype
     weight_bytes: int
 
     def logits(self, tokens: mx.array, caches: list, rows: mx.array | None) -> mx.array:
-        """Run the packed batch ``(T,)`` and return logits ``(len(rows), vocab)``; ``rows=None``:
-        every row, ``(T, vocab)``."""
-        if self.row_select is not None:
-            self.row_select.rows = rows
-            out = self.model(tokens[:, None], cache=caches)
+        """Logits ``(len(rows), vocab)`` of a packed batch ``(T,)`` of one-token rows, or of one
+        sequence ``(1, n)``; ``rows=None``: every position."""
+        x = tokens[:, None] if tokens.ndim == 1 else tokens
+        if self.row_select is None:
+            out = self.model(x, cache=caches)
+            out = out.reshape(-1, out.shape[-1])
+            return out if rows is None else out[rows]
+        self.row_select.rows = rows
+        try:
+            out = self.model(x, cache=caches)
+        finally:
             self.row_select.rows = None
-            return out.reshape(out.shape[0], -1)
-        out = self.model(tokens[:, None], cache=caches)
-        out = out.reshape(out.shape[0], -1)
-        return out if rows is None else out[rows]
-
-    def logits_1xn(self, tokens: mx.array, caches: list, rows: mx.array) -> mx.array:
-        """One sequence ``(1, n)`` through mlx-lm caches (the MLX-managed path): ``(len(rows), vocab)``."""
-        if self.row_select is not None:
-            self.row_select.rows = rows
-            out = self.model(tokens, cache=caches)
-            self.row_select.rows = None
-            return out.reshape(-1, out.shape[-1])
-        out = self.model(tokens, cache=caches)
-        return out[0][rows]
-
-
-def _final_norm_owner(model: nn.Module) -> tuple[nn.Module, str] | None:
-    for path in ("model", "language_model.model", "transformer", "backbone"):
-        owner = model
-        for part in path.split("."):
-            owner = getattr(owner, part, None)
-            if owner is None:
-                break
-        if owner is None:
-            continue
-        for name in ("norm", "ln_f", "final_layernorm", "norm_f"):
-            if isinstance(getattr(owner, name, None), nn.Module):
-                return owner, name
-    return None
+        return out.reshape(-1, out.shape[-1])
 
 
 def resolve_model_dir(model: str) -> Path:
@@ -112,7 +74,7 @@ def load(model_dir: Path, dtype, trust_remote_code: bool = False) -> LoadedModel
     from mlx_lm.utils import load_config, load_model
 
     start = time.perf_counter()
-    overrides = registry.prepare_mlx_lm(load_config(model_dir))  # refuses what mlx-lm lacks
+    overrides = mlx_lm_models.prepare_mlx_lm(load_config(model_dir))  # refuses what mlx-lm lacks
     try:
         if gguf.is_view(model_dir):
             from vllm_metal.gguf.weights import load_model as load_gguf_model
@@ -124,7 +86,7 @@ def load(model_dir: Path, dtype, trust_remote_code: bool = False) -> LoadedModel
             )
     except ValueError as exc:
         if "not supported" in str(exc) and not isinstance(exc, gguf.GgufError):
-            raise UnsupportedModelError(f"{exc} {supported_architectures_hint()}") from exc
+            raise UnsupportedModelError(f"{exc} {mlx_lm_models.supported_hint()}") from exc
         raise
     target = torch_dtype_to_mlx(dtype)
     _log_quantized_dtype_costs(model, target)
@@ -141,22 +103,12 @@ def load(model_dir: Path, dtype, trust_remote_code: bool = False) -> LoadedModel
     mx.eval(model.parameters())
     weight_bytes = sum(a.nbytes for _, a in tree_flatten(model.parameters()))
 
-    specs = layer_specs(model)
-    if patch_model_attention(model) == 0:
-        raise UnsupportedModelError(
-            f"{type(model).__module__} computes attention without mlx-lm's "
-            "scaled_dot_product_attention, so it cannot run on the paged KV path."
-        )
-    owner = _final_norm_owner(model)
-    row_select = None
-    if owner is not None:
-        row_select = RowSelect(getattr(owner[0], owner[1]))
-        setattr(owner[0], owner[1], row_select)
+    specs, row_select = mlx_lm_models.adapt(model)
     logger.info(
         "vllm-metal: loaded %s (%s, %.1f MiB of weights) in %.1fs",
         model_dir, config.get("model_type"), weight_bytes / 2**20, time.perf_counter() - start,
     )
-    return LoadedModel(model, config, specs, row_select, target, weight_bytes)
+    return LoadedModel(model, specs, row_select, target, weight_bytes)
 
 
 def _log_quantized_dtype_costs(model: nn.Module, target: mx.Dtype) -> None:
@@ -174,15 +126,3 @@ def _log_quantized_dtype_costs(model: nn.Module, target: mx.Dtype) -> None:
     if not on_gpu():
         logger.warning("vllm-metal: quantized model in %s on MLX's CPU backend, whose quantized matmuls "
                        "run 10-50x slower in float16/bfloat16 than in float32: pass --dtype float32", target)
-
-
-def supported_architectures_hint() -> str:
-    import pkgutil
-
-    import mlx_lm.models
-
-    names = sorted(
-        m.name for m in pkgutil.iter_modules(mlx_lm.models.__path__)
-        if m.name not in ("base", "cache", "rope_utils", "activations", "switch_layers", "pipeline")
-    )
-    return "Model types mlx-lm can run: " + ", ".join(names) + "."

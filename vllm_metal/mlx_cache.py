@@ -5,8 +5,8 @@ Each request owns mlx-lm's own prompt cache (``make_prompt_cache``: ``KVCache``,
 ``mlx_lm.generate`` does; the step evaluates all requests' graphs together. vLLM's block manager
 still schedules and counts blocks (admission and preemption stay vLLM's), but no block pool is
 allocated: the caches grow with the sequence. It is the reference the paged path is measured
-against. (A model whose attention the paged path cannot wrap is refused on both paths: the
-loader checks it.)
+against. A model whose attention the paged path cannot wrap is refused on both paths (the loader
+checks it).
 
 Prefix reuse: vLLM reports a hit as ``num_computed_tokens > 0`` on a new request. With
 ``VLLM_METAL_PREFIX_CACHE`` on, finished prompt prefills leave a snapshot of their K/V (plain
@@ -18,24 +18,14 @@ depend on what the store holds.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from vllm_metal.device import EvalTimer
+from vllm_metal.kv_backend import KVBackend, StepBatch
 from vllm_metal.loader import LoadedModel
-
-
-@dataclass
-class RequestWork:
-    """One request's share of a step: feed ``tokens`` (positions ``start``..), return ``rows``."""
-
-    req_id: str
-    tokens: list[int]  # every token id the request has, prompt then output
-    start: int  # vLLM's num_computed_tokens: position of the first token scheduled this step
-    count: int  # tokens vLLM scheduled this step
-    all_rows: bool  # prompt logprobs: return logits for every scheduled position
 
 
 class PrefixStore:
@@ -78,69 +68,98 @@ class PrefixStore:
         return None
 
 
-class MlxManagedCaches:
+class MlxManagedBackend(KVBackend):
     """Per-request mlx-lm caches and the per-request forward of the MLX-managed path."""
 
-    def __init__(self, loaded: LoadedModel, prefix_budget_bytes: int, block_size: int,
+    def __init__(self, loaded: LoadedModel, block_size: int, max_model_len: int, prefix_budget_bytes: int,
                  evaluate: EvalTimer | None = None):
         self.loaded = loaded
         self.evaluate = evaluate or EvalTimer()
         self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.prefix_budget = prefix_budget_bytes
         self.caches: dict[str, list] = {}
         self.fed: dict[str, int] = {}  # tokens each request's cache holds
-        self.restored_tokens = 0  # prefix tokens served from snapshots (VLLM_METAL_DEBUG logs it)
-        self.prefix = PrefixStore(prefix_budget_bytes) if prefix_budget_bytes > 0 else None
+        self.prefix: PrefixStore | None = None
+        self.num_blocks = 0
+
+    def allocate(self, num_blocks: int) -> None:
+        """No pool: vLLM's ``num_blocks`` only bound admission; the prefix store starts empty."""
+        self.num_blocks = num_blocks
+        self.prefix = PrefixStore(self.prefix_budget) if self.prefix_budget > 0 else None
+
+    def clear(self) -> None:
+        self.caches, self.fed, self.prefix = {}, {}, None
 
     def keep_only(self, req_ids: set[str]) -> None:
-        """Free the caches of requests that left the batch (finished, aborted or preempted)."""
         for req_id in self.caches.keys() - req_ids:
             del self.caches[req_id], self.fed[req_id]
 
     def nbytes(self) -> int:
         return sum(a.nbytes for caches in self.caches.values() for a in _arrays(caches))
 
-    def _cache_for(self, work: RequestWork) -> list:
-        caches, fed = self.caches.get(work.req_id), self.fed.get(work.req_id, 0)
-        if caches is not None and fed <= work.start:
+    def describe(self) -> str:
+        return (f"MLX-managed KV cache (per-request mlx-lm caches; vLLM accounts {self.num_blocks} "
+                f"blocks x {self.block_size} tokens; prefix snapshots up to "
+                f"{self.prefix_budget / 2**20:.1f} MiB)")
+
+    def profile(self, lens: list[int], starts: list[int]) -> int:
+        """One request of the step's tokens, up to ``max_model_len`` (the path runs one forward
+        per request)."""
+        n = max(1, min(sum(lens), self.max_model_len))
+        mx.eval(mx.zeros(1))  # settle anything pending before the baseline
+        base = mx.get_active_memory()
+        mx.reset_peak_memory()
+        scratch = MlxManagedBackend(self.loaded, self.block_size, self.max_model_len, 0)
+        history = np.zeros(n, dtype=np.int32)
+        mx.eval(scratch.forward(StepBatch(["profile"], [n], [0], [history], [np.zeros(0, np.int32)],
+                                          [False], [n])))
+        return max(0, mx.get_peak_memory() - base)
+
+    def _cache_for(self, req_id: str, history: np.ndarray, start: int) -> list:
+        caches, fed = self.caches.get(req_id), self.fed.get(req_id, 0)
+        if caches is not None and fed <= start:
             return caches
         if caches is not None and all(c.is_trimmable() for c in caches):
             for c in caches:
-                c.trim(fed - work.start)
-            self.fed[work.req_id] = work.start
+                c.trim(fed - start)
+            self.fed[req_id] = start
             return caches
         # New, resumed after preemption, or a prefix hit: restore a snapshot, else recompute.
         caches, fed = None, 0
-        if self.prefix is not None and work.start > 0:
-            caches = self.prefix.restore(work.tokens[: work.start], self.loaded.model)
-            fed = work.start if caches is not None else 0
+        if self.prefix is not None and start > 0:
+            caches = self.prefix.restore(history[:start].tolist(), self.loaded.model)
+            fed = start if caches is not None else 0
             self.restored_tokens += fed
-        self.caches[work.req_id] = caches or make_prompt_cache(self.loaded.model)
-        self.fed[work.req_id] = fed
-        return self.caches[work.req_id]
+        self.caches[req_id] = caches or make_prompt_cache(self.loaded.model)
+        self.fed[req_id] = fed
+        return self.caches[req_id]
 
-    def forward(self, works: list[RequestWork], prompt_lens: dict[str, int]) -> mx.array:
-        """Logits: one row per request (its last scheduled position), then, for ``all_rows``
-        requests, one row per scheduled position, in ``works`` order (the paged path's layout)."""
+    def forward(self, step: StepBatch) -> mx.array:
         last_rows, extra_rows, touched = [], [], []
-        for work in works:
-            caches = self._cache_for(work)
-            fed = self.fed[work.req_id]
-            feed = work.tokens[fed : work.start + work.count]  # recompute what the cache lacks
-            skip = work.start - fed
-            wanted = list(range(skip, skip + work.count)) if work.all_rows else [skip + work.count - 1]
-            logits = self.loaded.logits_1xn(mx.array([feed], dtype=mx.int32), caches, mx.array(wanted))
-            self.fed[work.req_id] = work.start + work.count
+        for req_id, history, start, count, all_rows in zip(
+            step.req_ids, step.histories, step.starts, step.lens, step.all_rows, strict=True
+        ):
+            caches = self._cache_for(req_id, history, start)
+            fed = self.fed[req_id]
+            feed = history[fed : start + count]  # recompute what the cache lacks
+            skip = start - fed
+            wanted = list(range(skip, skip + count)) if all_rows else [skip + count - 1]
+            logits = self.loaded.logits(mx.array(feed.astype(np.int32))[None], caches, mx.array(wanted))
+            self.fed[req_id] = start + count
             last_rows.append(logits[-1:])
-            if work.all_rows:
+            if all_rows:
                 extra_rows.append(logits)
-            touched.append((work, caches))
+            touched.append(caches)
         out = mx.concatenate(last_rows + extra_rows, axis=0)
-        self.evaluate(out, [a for _, caches in touched for a in _arrays(caches)])
+        self.evaluate(out, [a for caches in touched for a in _arrays(caches)])
         if self.prefix is not None:
-            for work, caches in touched:
-                n = prompt_lens[work.req_id] // self.block_size * self.block_size
-                if work.start < n <= work.start + work.count:  # this step completed the prompt's blocks
-                    self.prefix.put(tuple(work.tokens[:n]), caches)
+            for history, start, count, prompt_len, caches in zip(
+                step.histories, step.starts, step.lens, step.prompt_lens, touched, strict=True
+            ):
+                n = prompt_len // self.block_size * self.block_size
+                if start < n <= start + count:  # this step completed the prompt's blocks
+                    self.prefix.put(tuple(history[:n].tolist()), caches)
         return out
 
 

@@ -3,22 +3,25 @@
 Request bookkeeping and sampling are vLLM's own: the persistent ``InputBatch`` (token history,
 block tables, sampling params, logits-processor state) and the ``Sampler`` (temperature, top-k/p,
 min-p, penalties, logit bias, min-tokens, logprobs, seeds), running on small CPU torch tensors.
-The forward pass and the KV cache are MLX (``attention.py``, ``loader.py``).
+The forward pass and the KV cache are MLX: the model from ``loader.py``, the cache behind the
+``KVBackend`` interface (``paged.py``, or ``mlx_cache.py`` with VLLM_METAL_USE_PAGED_ATTENTION=0).
 """
 
 from __future__ import annotations
 
 import gc
+import json
+import math
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import mlx.core as mx
-import numpy as np
 import torch
 from vllm.config import VllmConfig
 from vllm.logger import init_logger
 from vllm.sampling_params import SamplingType
+from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheSpec
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, LogprobsTensors, ModelRunnerOutput
 from vllm.v1.sample.logits_processor import build_logitsprocs
@@ -26,23 +29,21 @@ from vllm.v1.sample.sampler import Sampler
 from vllm.v1.worker.gpu_input_batch import CachedRequestState, InputBatch
 
 from vllm_metal import envs
-from vllm_metal.attention import (
-    AttnLimits,
-    PagedKVStore,
-    UnsupportedModelError,
-    attention_limits,
-    build_step_metadata,
-)
+from vllm_metal.attention import attention_limits
 from vllm_metal.bridge import mlx_to_torch
 from vllm_metal.device import EvalTimer, device_memory_bytes
+from vllm_metal.kv_backend import KVBackend, StepBatch
 from vllm_metal.loader import LoadedModel, load, resolve_model_dir
-from vllm_metal.mlx_cache import MlxManagedCaches, RequestWork
+from vllm_metal.mlx_cache import MlxManagedBackend
+from vllm_metal.mlx_lm_models import UnsupportedModelError
+from vllm_metal.paged import PagedBackend
 from vllm_metal.scheduler import FailedStep, MetalAsyncScheduler, MetalScheduler
 
 logger = init_logger("vllm.metal")
 
 MIN_ATTENTION_BUDGET = 64 * 2**20
 MAX_ATTENTION_BUDGET = 2**30
+STEP_LOG_PREFIX = "vllm-metal step: "
 OUR_SCHEDULERS = {f"{c.__module__}.{c.__qualname__}" for c in (MetalScheduler, MetalAsyncScheduler)}
 
 
@@ -55,21 +56,45 @@ def attention_budget(setting: int | str) -> int:
 
 
 @dataclass
+class StepRecord:
+    """One step's shape, host timings (ms) and memory. VLLM_METAL_DEBUG logs each as one JSON
+    object after ``STEP_LOG_PREFIX`` (``from_log`` reads it back). The timings split the step where the engine calls us:
+    ``forward_ms`` (execute_model; of it ``launch_ms`` encodes and submits the kernels and
+    ``wait_ms`` waits for the device; the rest is state, metadata and recording the graph),
+    ``between_ms`` (until sample_tokens is called), ``sample_ms``, and ``outside_ms`` (from the
+    previous step's sample to this execute_model: the engine's scheduling and output handling)."""
+
+    reqs: int
+    tokens: int
+    decode: int
+    forward_ms: float
+    launch_ms: float
+    wait_ms: float
+    between_ms: float = 0.0
+    sample_ms: float = 0.0
+    outside_ms: float = math.nan
+    kv_mib: float = 0.0
+    restored_tokens: int = 0  # prefix tokens restored from snapshots, since start
+    moved_blocks: int = 0  # block ids whose K/V placement moved in this step
+    peak_mib: float = 0.0  # MLX peak above weights and KV since the previous record
+
+    @classmethod
+    def from_log(cls, line: str) -> StepRecord | None:
+        """The record a VLLM_METAL_DEBUG log line carries, or None for any other line."""
+        _, sep, payload = line.partition(STEP_LOG_PREFIX)
+        return cls(**json.loads(payload)) if sep else None
+
+
+@dataclass
 class _PendingStep:
     """What ``execute_model`` leaves for ``sample_tokens``: logits and which rows mean what."""
 
-    scheduler_output: object
+    scheduler_output: SchedulerOutput
     logits: mx.array  # (num_reqs + prompt rows, vocab)
-    num_reqs: int
     partial: list[bool]  # request still in prefill after this step: its sample is discarded
     prompt_rows: dict[str, tuple[int, int, int]]  # req_id -> (first logits row, count, start pos)
-    num_tokens: int = 0
-    num_decode: int = 0
-    started: float = 0.0  # perf_counter at execute_model entry
-    forward_s: float = 0.0  # execute_model's own time (state update, metadata, forward, eval)
-    launch_s: float = 0.0  # ...of which mx.async_eval (VLLM_METAL_DEBUG only)
-    wait_s: float = 0.0  # ...and waiting for the device
-    moved_blocks: int = 0  # blocks the paged store's placement moved in this step
+    started: float  # perf_counter at execute_model entry
+    record: StepRecord
 
 
 class MetalModelRunner:
@@ -81,7 +106,6 @@ class MetalModelRunner:
         self.envs = metal_envs or envs.load()
         self.debug = self.envs.debug
         self.evaluate = EvalTimer(split=self.debug)  # the step's mx.eval (timed in parts when debugging)
-        self.paged = self.envs.use_paged_attention
         self.device = torch.device("cpu")
         self.block_size = self.cache_config.block_size
         self.max_model_len = self.model_config.max_model_len
@@ -97,14 +121,10 @@ class MetalModelRunner:
             build_logitsprocs(vllm_config, self.device, False, False, ())
         )
         self.loaded: LoadedModel | None = None
-        self.attention_limits: AttnLimits | None = None  # of the loaded model's layers
-        self.kv: PagedKVStore | None = None
-        self.mlx_caches: MlxManagedCaches | None = None  # VLLM_METAL_USE_PAGED_ATTENTION=0
+        self.kv: KVBackend | None = None  # created with the model, allocated by initialize_kv_cache
+        self._num_blocks = 0
         self._pending: _PendingStep | FailedStep | None = None
-        self._verified = False
         self._last_step_end = 0.0  # VLLM_METAL_DEBUG step timing
-        # req_id -> what the scheduler last said of it (named when its token history disagrees)
-        self._last_update: dict[str, tuple] = {}
 
     def _new_input_batch(self, logitsprocs) -> InputBatch:
         return InputBatch(
@@ -123,12 +143,17 @@ class MetalModelRunner:
     def load_model(self) -> None:
         path = resolve_model_dir(self.model_config.model)
         self.loaded = load(path, self.model_config.dtype, self.model_config.trust_remote_code)
-        self.attention_limits = attention_limits(self.loaded.specs, self.loaded.dtype,
-                                                 attention_budget(self.envs.attention_mb))
+        self.kv = self._new_backend()
 
-    @property
-    def num_layers(self) -> int:
-        return len(self.loaded.specs)
+    def _new_backend(self) -> KVBackend:
+        """The KV cache kind VLLM_METAL_USE_PAGED_ATTENTION selects, not yet allocated."""
+        if not self.envs.use_paged_attention:
+            prefix = (int(self.envs.prefix_cache_fraction * device_memory_bytes())
+                      if self.cache_config.enable_prefix_caching else 0)
+            return MlxManagedBackend(self.loaded, self.block_size, self.max_model_len, prefix, self.evaluate)
+        budget = attention_budget(self.envs.attention_mb)
+        limits = attention_limits(self.loaded.specs, self.loaded.dtype, budget)
+        return PagedBackend(self.loaded, self.block_size, self.max_model_len, limits, self.evaluate)
 
     def get_kv_cache_spec(self) -> dict[str, KVCacheSpec]:
         """One full-attention spec per layer; sliding windows are applied in the mask only."""
@@ -157,33 +182,9 @@ class MetalModelRunner:
         self.block_size = groups[0].kv_cache_spec.block_size
         self.input_batch = self._new_input_batch(self.input_batch.logitsprocs)
         self._num_blocks = kv_cache_config.num_blocks
-        self._new_caches()
-        if self.mlx_caches is not None:
-            logger.info(
-                "vllm-metal: MLX-managed KV cache (per-request mlx-lm caches; vLLM accounts "
-                "%d blocks x %d tokens; prefix snapshots up to %.1f MiB)",
-                kv_cache_config.num_blocks, self.block_size, self._prefix_bytes() / 2**20,
-            )
-            return
-        logger.info(
-            "vllm-metal: paged KV cache of %d blocks x %d tokens (%.1f MiB); attention calls hold "
-            "up to %.0f MiB each",
-            self.kv.num_blocks, self.block_size, self.kv.nbytes() / 2**20,
-            self.attention_limits.budget / 2**20,
-        )
-
-    def _prefix_bytes(self) -> int:
-        if not self.cache_config.enable_prefix_caching:
-            return 0
-        return int(self.envs.prefix_cache_fraction * device_memory_bytes())
-
-    def _new_caches(self) -> None:
-        """(Re)create the KV cache: empty paged pools, or no MLX-managed caches."""
-        if not self.paged:
-            self.mlx_caches = MlxManagedCaches(self.loaded, self._prefix_bytes(), self.block_size, self.evaluate)
-            return
-        self.kv = PagedKVStore(self.loaded.specs, self._num_blocks, self.block_size, self.loaded.dtype,
-                               self.attention_limits)
+        self.kv = self._new_backend()
+        self.kv.allocate(self._num_blocks)
+        logger.info("vllm-metal: %s", self.kv.describe())
 
     def worst_step(self) -> tuple[list[int], list[int]]:
         """The step that holds the most memory the scheduler can send (query lengths, first
@@ -202,83 +203,33 @@ class MetalModelRunner:
         return lens, [max_len - n for n in lens]
 
     def profile_step(self, lens: list[int], starts: list[int]) -> int:
-        """Run one step (``lens`` tokens of each sequence from ``starts``) on scratch K/V and return
-        the MLX memory it held at its peak beyond what was allocated before and the scratch K/V.
-        The MLX-managed path runs one request of all those tokens (one forward per request)."""
-        mx.eval(mx.zeros(1))  # settle anything pending before the baseline
-        base = mx.get_active_memory()
-        mx.reset_peak_memory()
-        if not self.paged:
-            n = max(1, min(sum(lens), self.max_model_len))
-            scratch = MlxManagedCaches(self.loaded, 0, self.block_size)
-            mx.eval(scratch.forward([RequestWork("profile", [0] * n, 0, n, False)], {"profile": n}))
-            return max(0, mx.get_peak_memory() - base)
-        scratch_bytes = self._scratch_forward(lens, starts)
-        return max(0, mx.get_peak_memory() - base - scratch_bytes)
+        """MLX memory one step of ``lens`` tokens from ``starts`` holds at its peak beyond what was
+        allocated before and its scratch K/V (``KVBackend.profile``)."""
+        return self.kv.profile(lens, starts)
 
     def warm_up(self, num_tokens: int) -> None:
-        """Run what serving runs before the first request does: a single-sequence prefill (the
-        mask-free path) and, on the paged path, a step of two sequences, a prefill chunk and a decode
-        (the masked block-table path). MLX's CUDA backend compiles kernels on first use; without this
-        the first concurrent requests would wait for that compilation."""
-        num_tokens = max(1, min(num_tokens, self.max_model_len))
-        self.profile_step([num_tokens], [0])
-        if self.paged and self.max_model_len > 3:  # the smallest such step: 2 + 1 rows
-            self._scratch_forward([2, 1], [0, 2])
-
-    def _scratch_forward(self, lens: list[int], starts: list[int]) -> int:
-        """One step of ``lens`` tokens at ``starts`` through a scratch KV store (the real pool, if
-        allocated yet, is untouched); returns the store's bytes. All sequences share one block
-        table as long as the longest context: what they read and write does not matter here."""
-        need = max(-(-(s + n) // self.block_size) for n, s in zip(lens, starts, strict=True))
-        table = np.arange(1, 1 + need)  # block 0 stays unused, as in vLLM's pool
-        store = PagedKVStore(self.loaded.specs, 1 + need, self.block_size, self.loaded.dtype,
-                             self.attention_limits)
-        saved, self.kv = self.kv, store
-        try:
-            meta = build_step_metadata(lens, starts, [table] * len(lens), self.block_size, store.limits)
-            tokens = mx.zeros((sum(lens),), dtype=mx.int32)
-            rows = mx.array(np.cumsum(lens).astype(np.int32) - 1)
-            self._forward(tokens, meta, rows)  # evaluates the logits and the pools
-            return store.nbytes()
-        finally:
-            self.kv = saved
-
-    def _forward(self, tokens: mx.array, meta, rows: mx.array | None) -> mx.array:
-        store = self.kv
-        store.step = meta
-        store.calls = 0
-        logits = self.loaded.logits(tokens, store.layers, rows)
-        self.evaluate(logits, store.arrays())
-        if not self._verified:
-            if store.calls != self.num_layers:
-                raise UnsupportedModelError(
-                    f"{type(self.loaded.model).__module__}: only {store.calls} of "
-                    f"{self.num_layers} layers attended through the paged cache; this model's "
-                    "attention is not supported on the paged path."
-                )
-            self._verified = True
-        store.step = None
-        return logits
+        """Run what serving runs before the first request does (MLX's CUDA backend compiles
+        kernels on first use; without this the first requests would wait for it)."""
+        self.kv.warm_up(max(1, min(num_tokens, self.max_model_len)))
 
     # ----------------------------------------------------------------- request state
-    def _update_states(self, so) -> None:
+    def _update_states(self, scheduler_output: SchedulerOutput) -> None:
         batch = self.input_batch
-        for req_id in so.finished_req_ids:
+        for req_id in scheduler_output.finished_req_ids:
             self.requests.pop(req_id, None)
             self.num_prompt_logprobs.pop(req_id, None)
-            self._last_update.pop(req_id, None)
             batch.remove_request(req_id)
-        if so.kv_cache_block_copies and self.kv is not None:
-            self.kv.copy_blocks([(c.src_block_id, c.dst_block_id) for c in so.kv_cache_block_copies])
+        if scheduler_output.kv_cache_block_copies:
+            self.kv.copy_blocks([(c.src_block_id, c.dst_block_id)
+                                 for c in scheduler_output.kv_cache_block_copies])
 
-        cached = so.scheduled_cached_reqs
-        scheduled = so.num_scheduled_tokens.keys()
+        cached = scheduler_output.scheduled_cached_reqs
+        scheduled = scheduler_output.num_scheduled_tokens.keys()
         for req_id in batch.req_id_to_index.keys() - (scheduled - cached.resumed_req_ids):
             batch.remove_request(req_id)
 
         to_add: list[CachedRequestState] = []
-        for new in so.scheduled_new_reqs:
+        for new in scheduler_output.scheduled_new_reqs:
             params = new.sampling_params
             if params is None or new.prompt_token_ids is None:
                 raise ValueError("vllm-metal runs generation on token ids only (no pooling, no "
@@ -312,10 +263,6 @@ class MetalModelRunner:
             num_output = cached.num_output_tokens[i]
             new_blocks = cached.new_block_ids[i]
             index = batch.req_id_to_index.get(req_id)
-            self._last_update[req_id] = (  # formatted only if the history disagrees
-                req_id in cached.resumed_req_ids, index is not None,
-                len(cached.all_token_ids.get(req_id, ())) or None, num_output, len(state.output_token_ids),
-            )
             if req_id in cached.all_token_ids and num_output > 0:
                 state.output_token_ids[:] = cached.all_token_ids[req_id][-num_output:]
             elif num_output < len(state.output_token_ids):
@@ -338,88 +285,72 @@ class MetalModelRunner:
             batch.add_request(state)
         batch.condense()
         batch.refresh_metadata()
-        if self.mlx_caches is not None:  # preempted and finished requests free their caches
-            self.mlx_caches.keep_only(set(batch.req_ids))
+        self.kv.keep_only(set(batch.req_ids))  # preempted and finished requests free their caches
 
     # ----------------------------------------------------------------- one step
-    def execute_model(self, so) -> ModelRunnerOutput | None:
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
         try:
-            return self._execute(so)
+            return self._execute(scheduler_output)
         except Exception as exc:  # noqa: BLE001 - any failure of the step, MLX's above all
             if not self.survives_failed_steps:
                 raise
-            self._pending = self._fail_step(so, exc)
+            self._pending = self._fail_step(scheduler_output, exc)
             return None
 
-    def _execute(self, so) -> ModelRunnerOutput | None:
-        t0 = time.perf_counter()
-        self._update_states(so)
-        if so.total_num_scheduled_tokens == 0:
+    def _execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
+        started = time.perf_counter()
+        self._update_states(scheduler_output)
+        if scheduler_output.total_num_scheduled_tokens == 0:
             return EMPTY_MODEL_RUNNER_OUTPUT
-        batch = self.input_batch
-        num_reqs = batch.num_reqs
-        table = batch.block_table[0]
-        lens, starts, tables, token_parts, partial = [], [], [], [], []
-        for i, req_id in enumerate(batch.req_ids):
-            n = so.num_scheduled_tokens[req_id]
-            start = int(batch.num_computed_tokens_cpu[i])
-            if start + n > batch.num_tokens_no_spec[i]:
-                state = self.requests[req_id]
-                raise RuntimeError(
-                    f"vllm-metal: request {req_id} is scheduled for positions {start}..{start + n - 1} "
-                    f"but the runner holds {int(batch.num_tokens_no_spec[i])} tokens "
-                    f"({len(state.prompt_token_ids or [])} prompt + {len(state.output_token_ids)} "
-                    f"output); the runner's token history and the scheduler's disagree (last update: "
-                    f"{_describe_update(self._last_update.get(req_id))})."
-                )
-            lens.append(n)
-            starts.append(start)
-            tables.append(table.block_table.np[i, : table.num_blocks_per_row[i]])
-            token_parts.append(batch.token_ids_cpu[i, start : start + n])
-            partial.append(start + n < batch.num_tokens_no_spec[i])
-        cu = np.cumsum([0] + lens)
-        rows = list(cu[1:] - 1)
-        prompt_rows: dict[str, tuple[int, int, int]] = {}
-        for req_id in self.num_prompt_logprobs:
-            i = batch.req_id_to_index.get(req_id)
-            if i is None:
-                continue
-            prompt_rows[req_id] = (len(rows), lens[i], starts[i])
-            rows.extend(range(cu[i], cu[i + 1]))
-
-        moved = 0
-        if self.mlx_caches is not None:
-            logits = self._forward_mlx_managed(lens, starts, prompt_rows)
-        else:
-            before = self.kv.moved_blocks
-            tables = self.kv.physical_tables(tables, [s + n for s, n in zip(starts, lens, strict=True)])
-            moved = self.kv.moved_blocks - before  # placement happens only here
-            meta = build_step_metadata(lens, starts, tables, self.block_size, self.kv.limits)
-            tokens = mx.array(np.concatenate(token_parts).astype(np.int32))
-            decode_only = not prompt_rows and lens.count(1) == len(lens)  # every row's logits, in order
-            logits = self._forward(tokens, meta, None if decode_only else mx.array(np.asarray(rows, dtype=np.int32)))
-        self._pending = _PendingStep(so, logits, num_reqs, partial, prompt_rows, int(cu[-1]),
-                                     lens.count(1), t0, time.perf_counter() - t0,
-                                     self.evaluate.launch_s, self.evaluate.wait_s, moved)
+        step = self._step_batch(scheduler_output)
+        moved_before = self.kv.moved_blocks
+        logits = self.kv.forward(step)
+        ends = [s + n for s, n in zip(step.starts, step.lens, strict=True)]
+        partial = [end < self.input_batch.num_tokens_no_spec[i] for i, end in enumerate(ends)]
+        record = StepRecord(
+            reqs=len(step.req_ids), tokens=step.num_tokens, decode=step.lens.count(1),
+            forward_ms=(time.perf_counter() - started) * 1e3,
+            launch_ms=self.evaluate.launch_s * 1e3, wait_ms=self.evaluate.wait_s * 1e3,
+            moved_blocks=self.kv.moved_blocks - moved_before,
+        )
+        self._pending = _PendingStep(scheduler_output, logits, partial, step.prompt_rows(), started, record)
         return None
 
-    def _forward_mlx_managed(self, lens, starts, prompt_rows) -> mx.array:
-        """The MLX-managed path: one (1, n) forward per request, prompt rows after the last rows
-        in the same order as the paged path lays them out."""
+    def _step_batch(self, scheduler_output: SchedulerOutput) -> StepBatch:
+        """The step's work in batch order, from the input batch the update just brought current."""
         batch = self.input_batch
-        works = []
+        table = batch.block_table[0]
+        step = StepBatch([], [], [], [], [], [], [])
         for i, req_id in enumerate(batch.req_ids):
-            end = int(batch.num_tokens_no_spec[i])
-            works.append(RequestWork(req_id, batch.token_ids_cpu[i, :end].tolist(), starts[i], lens[i],
-                                     req_id in prompt_rows))
-        order = [w.req_id for w in works if w.all_rows]
-        row = len(works)
-        for req_id in order:  # forward() appends all-rows blocks in batch order
-            _, count, start = prompt_rows[req_id]
-            prompt_rows[req_id] = (row, count, start)
-            row += count
-        prompt_lens = {r: int(batch.num_prompt_tokens[i]) for i, r in enumerate(batch.req_ids)}
-        return self.mlx_caches.forward(works, prompt_lens)
+            n = scheduler_output.num_scheduled_tokens[req_id]
+            start = int(batch.num_computed_tokens_cpu[i])
+            if start + n > batch.num_tokens_no_spec[i]:
+                raise self._history_error(scheduler_output, req_id, start, n)
+            step.req_ids.append(req_id)
+            step.lens.append(n)
+            step.starts.append(start)
+            step.histories.append(batch.token_ids_cpu[i, : start + n])
+            step.tables.append(table.block_table.np[i, : table.num_blocks_per_row[i]])
+            step.all_rows.append(req_id in self.num_prompt_logprobs)
+            step.prompt_lens.append(int(batch.num_prompt_tokens[i]))
+        return step
+
+    def _history_error(self, scheduler_output: SchedulerOutput, req_id: str, start: int, n: int) -> RuntimeError:
+        """The scheduler asks for positions the runner holds no tokens for: say what each side holds."""
+        state = self.requests[req_id]
+        cached = scheduler_output.scheduled_cached_reqs
+        said = "a new request"
+        if req_id in cached.req_ids:
+            i = cached.req_ids.index(req_id)
+            said = (f"resumed={req_id in cached.resumed_req_ids} num_output={cached.num_output_tokens[i]} "
+                    f"all_token_ids={len(cached.all_token_ids.get(req_id, ())) or None}")
+        held = int(self.input_batch.num_tokens_no_spec[self.input_batch.req_id_to_index[req_id]])
+        return RuntimeError(
+            f"vllm-metal: request {req_id} is scheduled for positions {start}..{start + n - 1} but the "
+            f"runner holds {held} tokens ({len(state.prompt_token_ids or [])} prompt + "
+            f"{len(state.output_token_ids)} output); the runner's token history and the scheduler's "
+            f"disagree (this step's update: {said})."
+        )
 
     def sample_tokens(self, grammar_output) -> ModelRunnerOutput:
         pending, self._pending = self._pending, None
@@ -434,19 +365,19 @@ class MetalModelRunner:
                 raise
             return self._fail_step(pending.scheduler_output, exc)
 
-    def _fail_step(self, so, exc: Exception) -> FailedStep:
+    def _fail_step(self, scheduler_output: SchedulerOutput, exc: Exception) -> FailedStep:
         """A step failed (an MLX evaluation out of device memory, say): log it with the knobs that
         bound a step's memory, clear the K/V cache (a failed evaluation leaves the pools it was
         updating unusable) and the runner's batch, and answer with a ``FailedStep`` naming the
         step's requests. The scheduler (``vllm_metal.scheduler``) finishes those with an error and
         recomputes the other running requests."""
-        req_ids = list(so.num_scheduled_tokens)
+        req_ids = list(scheduler_output.num_scheduled_tokens)
         logger.error(
             "vllm-metal: a step of %d request(s), %d token(s) failed: %s: %s. Its requests finish with "
             "an error, the KV cache is cleared, and the engine keeps serving. If this is out of memory: "
             "lower --max-num-batched-tokens or --max-num-seqs, lower VLLM_METAL_ATTENTION_MB, or leave "
             "more memory free (--kv-cache-memory-bytes, VLLM_METAL_MEMORY_FRACTION).\n%s",
-            len(req_ids), so.total_num_scheduled_tokens, type(exc).__name__, exc,
+            len(req_ids), scheduler_output.total_num_scheduled_tokens, type(exc).__name__, exc,
             "".join(traceback.format_exception(exc)),
         )
         error = f"{type(exc).__name__}: {exc}"
@@ -459,17 +390,17 @@ class MetalModelRunner:
             batch.remove_request(req_id)
         batch.condense()
         batch.refresh_metadata()
-        self.kv = self.mlx_caches = None
+        self.kv.clear()
         gc.collect()
         mx.clear_cache()
-        self._new_caches()
+        self.kv.allocate(self._num_blocks)
         return FailedStep(req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
                           error=error)
 
     def _sample(self, pending: _PendingStep, grammar_output) -> ModelRunnerOutput:
         entered = time.perf_counter()
         batch = self.input_batch
-        n = pending.num_reqs
+        n = len(pending.partial)
         logits = mlx_to_torch(pending.logits.astype(mx.float32))
         sample_logits = logits[:n].clone()
         if grammar_output is not None:
@@ -512,29 +443,20 @@ class MetalModelRunner:
         return output
 
     def _log_step(self, pending: _PendingStep, sample_entered: float) -> None:
-        """VLLM_METAL_DEBUG: one line per step, its host time split where the engine calls us:
-        ``forward`` (execute_model; of it, ``launch``: encoding and submitting the kernels, and
-        ``wait``: for the device; the rest is state, metadata and recording the graph), ``between``
-        (until sample_tokens is called), ``sample``, and ``outside`` (from the previous step's
-        sample to this execute_model: the engine's scheduling and output handling)."""
+        """VLLM_METAL_DEBUG: the step's ``StepRecord``, completed, as one JSON log line."""
         now = time.perf_counter()
-        outside = (pending.started - self._last_step_end) * 1e3 if self._last_step_end else float("nan")
+        record = pending.record
+        record.between_ms = (sample_entered - pending.started) * 1e3 - record.forward_ms
+        record.sample_ms = (now - sample_entered) * 1e3
+        if self._last_step_end:
+            record.outside_ms = (pending.started - self._last_step_end) * 1e3
         self._last_step_end = now
-        restored = self.mlx_caches.restored_tokens if self.mlx_caches is not None else 0
-        kv_bytes = (self.kv or self.mlx_caches).nbytes()
-        peak = mx.get_peak_memory() - self.loaded.weight_bytes - kv_bytes  # since the last step line
+        kv_bytes = self.kv.nbytes()
+        record.kv_mib = kv_bytes / 2**20
+        record.restored_tokens = self.kv.restored_tokens
+        record.peak_mib = (mx.get_peak_memory() - self.loaded.weight_bytes - kv_bytes) / 2**20
         mx.reset_peak_memory()
-        logger.info(
-            "vllm-metal step: %d reqs, %d tokens (%d decode), forward %.2f ms (launch %.2f ms, "
-            "wait %.2f ms), between %.2f ms, sample %.2f ms, outside %.2f ms, KV %.1f MiB, prefix "
-            "tokens restored from snapshots so far %d, blocks moved %d, MLX peak above weights and "
-            "KV %.1f MiB",
-            pending.num_reqs, pending.num_tokens, pending.num_decode, pending.forward_s * 1e3,
-            pending.launch_s * 1e3, pending.wait_s * 1e3,
-            (sample_entered - pending.started - pending.forward_s) * 1e3,
-            (now - sample_entered) * 1e3, outside, kv_bytes / 2**20, restored, pending.moved_blocks,
-            peak / 2**20,
-        )
+        logger.info("%s%s", STEP_LOG_PREFIX, json.dumps(asdict(record)))
 
     def _prompt_logprobs(self, logits: torch.Tensor, prompt_rows) -> dict[str, LogprobsTensors | None]:
         """Logprobs of each prompt token given its prefix, gathered chunk by chunk."""
@@ -564,9 +486,3 @@ class MetalModelRunner:
             acc.selected_token_ranks[start : start + num_logits].copy_(ranks)
         return result
 
-
-def _describe_update(facts: tuple | None) -> str:
-    if facts is None:
-        return "none"
-    names = ("resumed", "in_batch", "all_token_ids", "num_output", "held_output")
-    return " ".join(f"{n}={v}" for n, v in zip(names, facts, strict=True))

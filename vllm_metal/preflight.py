@@ -32,9 +32,9 @@ def check_checkpoint(model_config: Any) -> None:
     if model_dir.is_dir():
         config = model_dir / "config.json"
         if config.is_file():
-            from vllm_metal.models import registry
+            from vllm_metal import mlx_lm_models
 
-            registry.check_runnable(json.loads(config.read_text()))
+            mlx_lm_models.check_runnable(json.loads(config.read_text()))
         check_weights(model_dir)
     tokenizer = Path(str(model_config.tokenizer or model_config.model)).expanduser()
     if not getattr(model_config, "skip_tokenizer_init", False) and tokenizer.is_dir():

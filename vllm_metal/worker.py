@@ -103,8 +103,10 @@ class MetalWorker(WorkerBase):
         return available
 
     def memory_fraction(self) -> float:
-        """VLLM_METAL_MEMORY_FRACTION when numeric; for ``auto``, --gpu-memory-utilization when the
-        user changed it from vLLM's default, else 0.9."""
+        """VLLM_METAL_MEMORY_FRACTION when numeric; for ``auto``, --gpu-memory-utilization unless it
+        equals vLLM's default, else 0.9. vLLM's config keeps no record of whether the flag was
+        given (its engine arguments pass the 0.92 default explicitly), so a value equal to the
+        default counts as not given."""
         if self.envs.memory_fraction != "auto":
             return float(self.envs.memory_fraction)
         utilization = self.cache_config.gpu_memory_utilization
@@ -145,8 +147,8 @@ class MetalWorker(WorkerBase):
         Measured directly on a GPU. MLX's CPU backend runs a 2048-token prefill of even a 135M
         model for seconds, so there we measure prefills of PROBE_TOKENS / 2 and PROBE_TOKENS and
         extrapolate: a fixed part, a per-token part linear in the step's tokens, a logits row per
-        sequence, and two attention calls at the most they may hold (the step's calls run one
-        after another, see attention.py), or the step's whole attention where that is less.
+        sequence, and the most the step's attention holds at once where the KV backend bounds it
+        (``KVBackend.attention_bound``).
         """
         runner = self.model_runner
         lens, starts = runner.worst_step()
@@ -157,12 +159,7 @@ class MetalWorker(WorkerBase):
         per_token = max(two - one, 0) / probe
         linear = int(max(one - per_token * probe, 0) + per_token * sum(lens))
         logits_rows = len(lens) * runner.vocab_size * 4 * 2  # float32 logits and their torch copy
-        attention = 0
-        if runner.paged:
-            limits = runner.attention_limits
-            unsplit = sum(limits.cost(1, n, s + n) for n, s in zip(lens, starts, strict=True))
-            attention = min(2 * limits.budget, unsplit)
-        return linear + logits_rows + attention
+        return linear + logits_rows + runner.kv.attention_bound(lens, starts)
 
     def initialize_from_config(self, kv_cache_config: KVCacheConfig) -> None:
         self.model_runner.initialize_kv_cache(kv_cache_config)

@@ -1,0 +1,291 @@
+"""What the plugin knows about, and does to, an mlx-lm model.
+
+vLLM accepts any architecture in its own registry (and, through its Transformers fallback, any
+causal LM transformers knows), but the model itself is built by mlx-lm, one module per
+``model_type``. This module decides from a checkpoint's config whether mlx-lm can build it and
+whether the paged KV path can hold its layers, and adapts a built model for the runner: reads
+each layer's KV geometry, routes its attention to the paged cache and lets the LM head run only
+on the rows that need logits.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.metadata
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from vllm_metal.attention import LayerSpec, PagedLayerCache
+
+# mlx_lm.models modules that hold shared layers, not a model.
+HELPER_MODULES = frozenset({"base", "cache", "rope_utils", "activations", "switch_layers", "pipeline", "mla",
+                            "ssm", "gated_delta", "bitlinear_layers"})
+
+
+class UnsupportedModelError(ValueError):
+    """The model cannot run on the paged path; the message says why and what is supported."""
+
+
+# transformers' text-only saves of multimodal families; mlx-lm builds them with the family's
+# module, which also accepts a flat (text-only) config.
+TEXT_ONLY_ALIASES = {"qwen3_5_text": "qwen3_5", "qwen3_5_moe_text": "qwen3_5_moe"}
+
+
+@functools.cache
+def supported_model_types() -> tuple[str, ...]:
+    """``model_type`` values mlx-lm can build: its model modules plus its aliases (mistral -> llama).
+
+    A module counts when it defines or re-exports a ``Model`` class; we read the source instead
+    of importing ~140 modules.
+    """
+    import mlx_lm.models
+    from mlx_lm.utils import MODEL_REMAPPING
+
+    names = set(MODEL_REMAPPING)
+    for path in Path(mlx_lm.models.__path__[0]).glob("*.py"):
+        if path.stem in HELPER_MODULES or path.stem.startswith("_"):
+            continue
+        if re.search(r"^class Model\(|^from \S+ import .*\bModel\b", path.read_text(), re.M):
+            names.add(path.stem)
+    return tuple(sorted(names))
+
+
+def supported_hint() -> str:
+    return f"Supported model types: {', '.join(supported_model_types())}."
+
+
+def mlx_lm_module(config: dict) -> str:
+    """The ``mlx_lm.models`` module mlx-lm would build ``config`` with (its own remapping rules)."""
+    from mlx_lm.utils import MODEL_ARCHITECTURE_REMAPPING, MODEL_REMAPPING
+
+    model_type = config.get("model_type", "")
+    architectures = config.get("architectures") or ()
+    if isinstance(architectures, str):
+        architectures = (architectures,)
+    for arch in architectures:
+        remapped = MODEL_ARCHITECTURE_REMAPPING.get((model_type, arch))
+        if remapped is not None:
+            return remapped
+    model_type = TEXT_ONLY_ALIASES.get(model_type, model_type)
+    return MODEL_REMAPPING.get(model_type, model_type)
+
+
+def check_supported(config: dict) -> str:
+    """Return the mlx-lm module for ``config``; raise UnsupportedModelError when mlx-lm has none.
+
+    A config with ``model_file`` brings its own module (mlx-lm's trust_remote_code path), so it
+    is not checked here.
+    """
+    module = mlx_lm_module(config)
+    if config.get("model_file"):
+        return module
+    if module and module not in HELPER_MODULES and importlib.util.find_spec(
+        f"mlx_lm.models.{module}"
+    ) is not None:
+        return module
+    archs = ", ".join(config.get("architectures") or []) or "?"
+    version = importlib.metadata.version("mlx-lm")
+    raise UnsupportedModelError(
+        f"Architecture {archs} (model_type {config.get('model_type')!r}) is not supported: "
+        f"mlx-lm {version} has no implementation of it, and vllm-metal runs every model through "
+        f"mlx-lm. {supported_hint()}"
+    )
+
+
+def prepare_mlx_lm(config: dict) -> dict:
+    """Everything mlx-lm needs before it builds ``config``'s model; called by the loader.
+
+    Refuses architectures mlx-lm lacks (``check_supported``), installs the loading shims of
+    ``compat.patch_mlx_lm`` and returns the config overrides for ``mlx_lm.utils.load_model``.
+    """
+    from vllm_metal import compat
+
+    check_supported(config)
+    compat.patch_mlx_lm()
+    overrides = compat.mlx_lm_config_overrides(config)
+    if config.get("model_type") in TEXT_ONLY_ALIASES:
+        overrides["model_type"] = TEXT_ONLY_ALIASES[config["model_type"]]
+    return overrides
+
+
+def check_runnable(config: dict) -> None:
+    """Refuse from config.json alone what the loader would refuse only after loading weights.
+
+    Runs in the API server before the engine starts (see ``vllm_metal.preflight``): no mlx-lm
+    module, layers with recurrent state or multi-head latent attention, attention that does not
+    go through mlx-lm's ``scaled_dot_product_attention``. It builds mlx-lm's model without
+    weights (MLX arrays are lazy, so nothing is allocated); a model that fails to build here is
+    left for the loader, which reports it with the weights in hand.
+    """
+    module = check_supported(config)
+    if config.get("model_file"):
+        return
+    try:
+        arch = importlib.import_module(f"mlx_lm.models.{module}")
+        full = {**config, **prepare_mlx_lm(config)}
+        model = arch.Model(arch.ModelArgs.from_dict(full))
+    except Exception:  # noqa: BLE001 - the loader reports build errors with the weights in hand
+        return
+    layer_specs(model)
+    if not uses_mlx_lm_sdpa(model):
+        raise _own_attention(model)
+
+
+def uses_mlx_lm_sdpa(model: nn.Module) -> bool:
+    """Whether a module defining one of the model's classes calls mlx-lm's shared SDPA (the
+    function ``patch_model_attention`` routes to the paged cache)."""
+    return bool(_sdpa_modules(model))
+
+
+def _sdpa_modules(model: nn.Module) -> list:
+    """The modules defining the model's classes that import mlx-lm's shared
+    ``scaled_dot_product_attention`` (or already hold our routed one)."""
+    from mlx_lm.models import base
+
+    modules = []
+    for name in {type(m).__module__ for _, m in model.named_modules()}:
+        fn = getattr(sys.modules.get(name), "scaled_dot_product_attention", None)
+        if fn is base.scaled_dot_product_attention or getattr(fn, "__vllm_metal_paged__", False):
+            modules.append(sys.modules[name])
+    return modules
+
+
+def _paged_sdpa(original):
+    def sdpa(queries, keys, values, cache, scale, mask, sinks=None, **kwargs):
+        if isinstance(cache, PagedLayerCache):
+            return cache.attend(queries, scale, sinks)
+        return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks, **kwargs)
+
+    sdpa.__vllm_metal_paged__ = True
+    return sdpa
+
+
+def patch_model_attention(model: nn.Module) -> int:
+    """Route the model's ``scaled_dot_product_attention`` calls to the paged cache.
+
+    mlx-lm model files import ``scaled_dot_product_attention`` from ``mlx_lm.models.base``;
+    we rebind that name in each module that defines a class of this model. Returns how many
+    modules route it (0 means the model computes attention some other way).
+    """
+    modules = _sdpa_modules(model)
+    for module in modules:
+        fn = module.scaled_dot_product_attention
+        if not getattr(fn, "__vllm_metal_paged__", False):
+            module.scaled_dot_product_attention = _paged_sdpa(fn)
+    return len(modules)
+
+
+def layer_specs(model: nn.Module) -> list[LayerSpec]:
+    """Per-layer KV geometry, from the caches mlx-lm would build for this model."""
+    from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
+
+    caches = make_prompt_cache(model)
+    layers = getattr(model, "layers", None)
+    if layers is None or len(layers) != len(caches):
+        raise UnsupportedModelError(
+            f"{type(model).__module__}: cannot map its {len(caches)} caches to layers."
+        )
+    specs = []
+    for i, (layer, cache) in enumerate(zip(layers, caches, strict=True)):
+        if type(cache) not in (KVCache, RotatingKVCache):
+            raise UnsupportedModelError(
+                f"{type(model).__module__}: layer {i} keeps a {type(cache).__name__} "
+                "(recurrent or custom state), which the paged KV path cannot hold yet."
+            )
+        attn = _attention_module(layer)
+        if _first_attr(attn, "kv_lora_rank") is not None:
+            raise UnsupportedModelError(
+                f"{type(model).__module__}: multi-head latent attention (MLA) caches a compressed "
+                "latent and passes the rope scores as the attention mask, which the paged KV path "
+                "does not implement yet."
+            )
+        q_heads = _first_attr(attn, "n_heads", "num_heads", "num_attention_heads")
+        kv_heads = _first_attr(attn, "n_kv_heads", "num_key_value_heads", "num_kv_heads") or q_heads
+        head_dim = _first_attr(attn, "head_dim") or _rows_per_head(attn, "k_proj", kv_heads)
+        if q_heads is None or head_dim is None:
+            raise UnsupportedModelError(
+                f"{type(model).__module__}: cannot read the head layout of layer {i}'s attention."
+            )
+        window = cache.max_size if isinstance(cache, RotatingKVCache) else None
+        v_head_dim = _first_attr(attn, "v_head_dim") or head_dim
+        specs.append(LayerSpec(int(q_heads), int(kv_heads), int(head_dim), int(v_head_dim), window))
+    return specs
+
+
+def _rows_per_head(attn: nn.Module, proj: str, heads: int | None) -> int | None:
+    """Head width from a projection's output rows (mlx-lm's qwen2/qwen3 keep head_dim local)."""
+    weight = getattr(getattr(attn, proj, None), "weight", None)
+    return weight.shape[0] // heads if weight is not None and heads else None
+
+
+def _first_attr(obj, *names: str):
+    for name in names:
+        value = getattr(obj, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def _attention_module(layer: nn.Module) -> nn.Module:
+    for name in ("self_attn", "attention", "attn", "mixer"):
+        attn = getattr(layer, name, None)
+        if attn is not None:
+            return attn
+    raise UnsupportedModelError(f"cannot find the attention module of {type(layer).__name__}.")
+
+
+class RowSelect(nn.Module):
+    """Wraps a model's final norm: applies it only to ``rows`` of the packed hidden states."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.inner = norm
+        self.rows: mx.array | None = None
+
+    def __call__(self, x: mx.array) -> mx.array:
+        # Packed (T, 1, H) batches select along axis 0; one (1, n, H) sequence along axis 1.
+        if self.rows is not None:
+            x = x[self.rows] if x.shape[0] > 1 or x.shape[1] == 1 else x[:, self.rows]
+        return self.inner(x)
+
+
+def _final_norm_owner(model: nn.Module) -> tuple[nn.Module, str] | None:
+    for path in ("model", "language_model.model", "transformer", "backbone"):
+        owner = model
+        for part in path.split("."):
+            owner = getattr(owner, part, None)
+            if owner is None:
+                break
+        if owner is None:
+            continue
+        for name in ("norm", "ln_f", "final_layernorm", "norm_f"):
+            if isinstance(getattr(owner, name, None), nn.Module):
+                return owner, name
+    return None
+
+
+def adapt(model: nn.Module) -> tuple[list[LayerSpec], RowSelect | None]:
+    """Read the model's per-layer KV geometry, route its attention to the paged cache and wrap its
+    final norm in a ``RowSelect``; refuse a model whose attention cannot be routed."""
+    specs = layer_specs(model)
+    if patch_model_attention(model) == 0:
+        raise _own_attention(model)
+    owner = _final_norm_owner(model)
+    if owner is None:
+        return specs, None
+    row_select = RowSelect(getattr(owner[0], owner[1]))
+    setattr(owner[0], owner[1], row_select)
+    return specs, row_select
+
+
+def _own_attention(model: nn.Module) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"{type(model).__module__} computes attention without mlx-lm's "
+        "scaled_dot_product_attention, so it cannot run on the paged KV path."
+    )

@@ -1,0 +1,117 @@
+"""The paged KV backend: vLLM's blocks as MLX pools, a step as one packed forward.
+
+The pools, block placement and attention are ``attention.py``'s; this module turns a
+``StepBatch`` into the packed token row, the physical block tables and the step metadata, runs
+the model over the store's per-layer caches and checks once that every layer attended through
+them.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+from vllm_metal.attention import AttnLimits, PagedKVStore, build_step_metadata
+from vllm_metal.device import EvalTimer
+from vllm_metal.kv_backend import KVBackend, StepBatch
+from vllm_metal.loader import LoadedModel
+from vllm_metal.mlx_lm_models import UnsupportedModelError
+
+
+class PagedBackend(KVBackend):
+    def __init__(self, loaded: LoadedModel, block_size: int, max_model_len: int, limits: AttnLimits,
+                 evaluate: EvalTimer):
+        self.loaded = loaded
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.limits = limits
+        self.evaluate = evaluate
+        self.store: PagedKVStore | None = None
+        self._verified = False
+
+    def _new_store(self, num_blocks: int) -> PagedKVStore:
+        return PagedKVStore(self.loaded.specs, num_blocks, self.block_size, self.loaded.dtype, self.limits)
+
+    def allocate(self, num_blocks: int) -> None:
+        self.store = self._new_store(num_blocks)
+
+    def clear(self) -> None:
+        self.store = None
+
+    @property
+    def moved_blocks(self) -> int:
+        return self.store.moved_blocks if self.store is not None else 0
+
+    def nbytes(self) -> int:
+        return self.store.nbytes() if self.store is not None else 0
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        self.store.copy_blocks(pairs)
+
+    def describe(self) -> str:
+        return (f"paged KV cache of {self.store.num_blocks} blocks x {self.block_size} tokens "
+                f"({self.nbytes() / 2**20:.1f} MiB); attention calls hold up to "
+                f"{self.limits.budget / 2**20:.0f} MiB each")
+
+    def forward(self, step: StepBatch) -> mx.array:
+        store = self.store
+        ends = [s + n for s, n in zip(step.starts, step.lens, strict=True)]
+        tables = store.physical_tables(step.tables, ends)
+        tokens = np.concatenate([h[s:e] for h, s, e in zip(step.histories, step.starts, ends, strict=True)])
+        rows = None  # every row's logits, in order: a step of decodes only
+        if any(step.all_rows) or step.num_tokens != len(step.lens):
+            last = np.cumsum(step.lens) - 1
+            extra = [np.arange(e - n, e) for e, n, wanted in zip(last + 1, step.lens, step.all_rows, strict=True)
+                     if wanted]
+            rows = mx.array(np.concatenate([last, *extra]).astype(np.int32))
+        return self._run(store, step.lens, step.starts, tables, mx.array(tokens.astype(np.int32)), rows)
+
+    def _run(self, store: PagedKVStore, lens: list[int], starts: list[int], tables: list[np.ndarray],
+             tokens: mx.array, rows: mx.array | None) -> mx.array:
+        store.step = build_step_metadata(lens, starts, tables, self.block_size, store.limits)
+        store.calls = 0
+        logits = self.loaded.logits(tokens, store.layers, rows)
+        self.evaluate(logits, store.arrays())
+        store.step = None
+        if not self._verified:
+            layers = len(self.loaded.specs)
+            if store.calls != layers:
+                raise UnsupportedModelError(
+                    f"{type(self.loaded.model).__module__}: only {store.calls} of {layers} layers "
+                    "attended through the paged cache; this model's attention is not supported on "
+                    "the paged path."
+                )
+            self._verified = True
+        return logits
+
+    def profile(self, lens: list[int], starts: list[int]) -> int:
+        mx.eval(mx.zeros(1))  # settle anything pending before the baseline
+        base = mx.get_active_memory()
+        mx.reset_peak_memory()
+        scratch = self._scratch_forward(lens, starts)
+        return max(0, mx.get_peak_memory() - base - scratch)
+
+    def attention_bound(self, lens: list[int], starts: list[int]) -> int:
+        """Two attention calls at the most each may hold (a step's calls run one after another),
+        or the step's whole attention where that is less."""
+        unsplit = sum(self.limits.cost(1, n, s + n) for n, s in zip(lens, starts, strict=True))
+        return min(2 * self.limits.budget, unsplit)
+
+    def warm_up(self, num_tokens: int) -> None:
+        """A single-sequence prefill (the mask-free path) and a step of a prefill chunk and a decode
+        (the masked block-table path): MLX's CUDA backend compiles kernels on first use."""
+        self.profile([num_tokens], [0])
+        if self.max_model_len > 3:  # the smallest such step: 2 + 1 rows
+            self._scratch_forward([2, 1], [0, 2])
+
+    def _scratch_forward(self, lens: list[int], starts: list[int]) -> int:
+        """One step of ``lens`` tokens at ``starts`` through a scratch store (the real pool is
+        untouched); returns the store's bytes. All sequences share one block table as long as the
+        longest context: what they read and write does not matter here."""
+        need = max(-(-(s + n) // self.block_size) for n, s in zip(lens, starts, strict=True))
+        table = np.arange(1, 1 + need)  # block 0 stays unused, as in vLLM's pool
+        store = self._new_store(1 + need)
+        tokens = mx.zeros((sum(lens),), dtype=mx.int32)
+        rows = mx.array(np.cumsum(lens).astype(np.int32) - 1)
+        self._run(store, lens, starts, [table] * len(lens), tokens, rows)
+        return store.nbytes()
