@@ -91,7 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def resolve_models(args: argparse.Namespace) -> tuple[Path, Path, Path | None, str]:
     if args.model_hf and args.model_mlx:
         return args.model_hf, args.model_mlx, args.model_gguf, args.model_name or args.model_hf.name
-    from vllm_metal.models.default_model import ensure_default_models
+    from fixtures.bundled_model import ensure_default_models
 
     m = ensure_default_models()
     return (args.model_hf or m.hf, args.model_mlx or m.mlx, args.model_gguf or m.gguf,

@@ -88,7 +88,7 @@ def plugin_rate(setup: Setup, dtype: str, n: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from benchmarks import machine
-    from vllm_metal.models.default_model import ensure_default_models
+    from fixtures.bundled_model import ensure_default_models
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=256)

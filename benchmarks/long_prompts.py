@@ -126,7 +126,7 @@ def build_checkpoint(out: Path, shape_name: str, seed: int) -> dict[str, Any]:
     load it with mlx-lm (strict: every name and shape) and run a few tokens through it."""
     import mlx.core as mx
 
-    from vllm_metal.models.default_model import ensure_default_models
+    from fixtures.bundled_model import ensure_default_models
 
     if os.environ.get("VLLM_MLX_DEVICE") == "cpu":
         mx.set_default_device(mx.cpu)

@@ -102,7 +102,7 @@ def table(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vllm_metal.models.default_model import ensure_default_models
+    from fixtures.bundled_model import ensure_default_models
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=("cpu", "gpu"), default="cpu")

@@ -117,10 +117,10 @@ def paged_loop(loaded, prompt: list[int], steps: int, num_blocks: int, block_siz
 def main(argv: list[str] | None = None) -> int:
     import torch
 
+    from fixtures.bundled_model import ensure_default_models
     from vllm_metal.attention import PagedKVStore
     from vllm_metal.device import select_device
     from vllm_metal.loader import load
-    from vllm_metal.models.default_model import ensure_default_models
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,8 +69,10 @@ def table_row(row: dict) -> str:
 
 
 def _order(rows: dict[str, dict]) -> list[dict]:
+    if str(ROOT) not in sys.path:  # run as a script: the checkout's fixtures package is not on the path
+        sys.path.insert(0, str(ROOT))
     try:
-        from vllm_metal.models import tiny
+        from fixtures import tiny
 
         known = [*[s.name for s in tiny.SPECS], tiny.UNSUPPORTED.name]
     except ImportError:
@@ -89,7 +92,7 @@ def render(rows: dict[str, dict]) -> str:
         "vllm-metal runs every model through [mlx-lm](https://github.com/ml-explore/mlx-lm), so the",
         "architectures it can serve are mlx-lm's, minus those the paged KV path cannot hold. Each row",
         "below is the result of one test in `tests/test_models.py`: a tiny random-weight checkpoint",
-        "built by `vllm_metal/models/tiny.py` from the real model's config (same layer types, head",
+        "built by `fixtures/tiny.py` from the real model's config (same layer types, head",
         "layout, rope variant, sliding windows, sinks, MoE routing and embedding tying; only sizes",
         "shrunk), served by `vllm serve` with the plugin in fp32 and compared token for token with",
         "greedy decoding by HF transformers on the same weights (or by mlx-lm where the two differ on",

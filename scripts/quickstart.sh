@@ -15,7 +15,7 @@ while [ $# -gt 0 ]; do
 done
 venv=$("$root/scripts/bootstrap.sh")
 export PATH="$venv/bin:$PATH" HF_HUB_OFFLINE=1
-model=$(python -m vllm_metal.models.default_model --print mlx)
+model=$(cd "$root" && python -m fixtures.bundled_model --print mlx)
 echo "[quickstart] serving $model on http://127.0.0.1:$port"
 vllm serve "$model" --served-model-name smollm2 --host 127.0.0.1 --port "$port" \
   --max-model-len 2048 &

@@ -6,7 +6,7 @@ venv=$("$root/scripts/bootstrap.sh")
 export PATH="$venv/bin:$PATH" HF_HUB_OFFLINE=1
 cd "$root"
 ruff check vllm_metal tests benchmarks scripts
-python -m vllm_metal.models.default_model >/dev/null   # build/reuse the bundled model once
+python -m fixtures.bundled_model >/dev/null   # build/reuse the bundled model once
 # Two workers, each test file on one (its module-scoped servers start once): a served step keeps
 # about one core busy, so on a 2-core machine the suite takes 20 minutes instead of 37. `-n 0` runs
 # it in one process.

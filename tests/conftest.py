@@ -33,7 +33,7 @@ import vllm_metal  # noqa: E402
 # the suite. HF transformers stays the reference that shares no arithmetic with MLX.
 vllm_metal.register()
 
-from vllm_metal.models.default_model import DefaultModels, ensure_default_models  # noqa: E402
+from fixtures.bundled_model import DefaultModels, ensure_default_models  # noqa: E402
 
 LOG_DIR = Path(os.environ.get("VLLM_METAL_TEST_LOGS", "/tmp/vllm-metal-test-logs"))
 

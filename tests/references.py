@@ -46,7 +46,7 @@ def _hf_model(hf_dir: Path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from vllm_metal.models.tiny import TRANSFORMERS_LOCK
+    from fixtures.tiny import TRANSFORMERS_LOCK
 
     with TRANSFORMERS_LOCK:  # test_models builds tiny checkpoints in threads meanwhile
         model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)

@@ -108,7 +108,7 @@ def test_quick_run_measures_every_system(tmp_path: Path) -> None:
 
 def test_systems_that_cannot_run_are_reported(tmp_path: Path) -> None:
     """A checkpoint a server cannot load is 'could not start' with its log; a missing one, why."""
-    from vllm_metal.models.default_model import ensure_default_models
+    from fixtures.bundled_model import ensure_default_models
 
     broken = tmp_path / "not-a-model"
     broken.mkdir()

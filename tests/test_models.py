@@ -1,6 +1,6 @@
 """The supported-model matrix, proven per architecture through a live `vllm serve`.
 
-For each architecture in ``vllm_metal.models.tiny`` we build a tiny random-weight checkpoint from
+For each architecture in ``fixtures.tiny`` we build a tiny random-weight checkpoint from
 the real model's config, serve it with the plugin (fp32, chunked prefill with a 32-token step
 budget, prefix caching) and send four greedy completions at once (two short prompts, one that
 is chunked and crosses the sliding window, one medium) and then the long one again for a
@@ -34,8 +34,8 @@ import pytest
 from conftest import LOG_DIR, VllmServer, _free_port, completion_tokens
 from references import LONG_TEXT, PROMPTS, hf_greedy, tokenizer
 
+from fixtures import tiny
 from vllm_metal import mlx_lm_models
-from vllm_metal.models import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))

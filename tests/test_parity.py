@@ -64,8 +64,8 @@ def squeezed(models):
     must be preempted; multiprocess executor with async scheduling, to cover that path too.
 
     `--no-scheduler-reserve-full-isl` admits a request once its first chunk fits (vLLM 0.32's
-    default waits until the whole prompt fits, which leaves only decode growth to preempt: two
-    fresh-clone CI runs, at 56 and at 40 blocks, saw none), so requests are also preempted
+    default waits until the whole prompt fits, which leaves only decode growth to preempt, and at
+    this budget decode growth alone does not reliably preempt), so requests are also preempted
     part-way through their prefill."""
     block_bytes = 30 * 2 * 3 * 64 * 4 * 16  # layers x (K,V) x kv_heads x head_dim x fp32 x block
     srv = VllmServer(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import shutil
 from pathlib import Path
 
 import mlx.core as mx
@@ -21,9 +20,10 @@ import pytest
 from conftest import VllmServer, completion_tokens, metal_worker
 from references import mlx_greedy, prompt_ids
 
+from fixtures.tiny import write_llama
+
 BLOCK = 16
 COMBOS = list(itertools.product((4, 8), (32, 64, 128)))
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 @pytest.fixture(scope="module")
@@ -32,19 +32,10 @@ def tiny_hf(tmp_path_factory, models) -> Path:
 
     std 0.2 instead of the usual 0.02: random logits that close together make greedy decoding
     a coin toss between near-tied tokens, and the comparison would prove little."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    out = tmp_path_factory.mktemp("tiny-llama-hf")
-    config = LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         initializer_range=0.2, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).to(torch.float32).save_pretrained(out)
-    for name in TOKENIZER_FILES:
-        if (models.hf / name).is_file():
-            shutil.copy2(models.hf / name, out / name)
-    return out
+    config = dict(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                  initializer_range=0.2, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    return write_llama(tmp_path_factory.mktemp("tiny-llama-hf"), config, models.hf)
 
 
 @pytest.fixture(scope="module")

@@ -11,18 +11,9 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
-import os
 import sys
-import tempfile
-from pathlib import Path
 
-TINY_CONFIG = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
-    "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-    "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 128,
-    "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": True,
-    "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32",
-}
+from vllm_metal.smoke import smoke
 
 
 def _version(dist: str) -> str:
@@ -62,43 +53,6 @@ def report() -> dict:
     vm = psutil.virtual_memory()
     out["system_memory_gib"] = {"total": round(vm.total / 2**30, 2), "available": round(vm.available / 2**30, 2)}
     return out
-
-
-def write_tiny_llama(path: Path) -> Path:
-    """A 2-layer random llama (HF config + safetensors) that vLLM and mlx-lm both load."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-    from mlx_lm.models import llama
-
-    mx.random.seed(0)
-    model = llama.Model(llama.ModelArgs.from_dict(TINY_CONFIG))
-    path.mkdir(parents=True, exist_ok=True)
-    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
-    (path / "config.json").write_text(json.dumps(TINY_CONFIG))
-    return path
-
-
-def smoke() -> list[int]:
-    """Generate 4 greedy tokens from the tiny llama through vLLM + the plugin; check vs mlx-lm."""
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    import mlx.core as mx
-    from mlx_lm.generate import generate_step
-    from mlx_lm.utils import load_model
-    from vllm import LLM, SamplingParams
-
-    prompt = [1, 17, 42, 99, 7]
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = write_tiny_llama(Path(tmp) / "tiny-llama")
-        llm = LLM(model=str(model_dir), skip_tokenizer_init=True, dtype="float32", max_model_len=128,
-                  max_num_seqs=2, kv_cache_memory_bytes=16 * 2**20, seed=0)
-        out = llm.generate([{"prompt_token_ids": prompt}],
-                           SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, detokenize=False))
-        got = list(out[0].outputs[0].token_ids)
-        model, _ = load_model(model_dir)
-        want = [int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=4)]
-    if got != want:
-        raise SystemExit(f"smoke test FAILED: vllm-metal {got} != mlx-lm {want}")
-    return got
 
 
 def main(argv: list[str] | None = None) -> int:

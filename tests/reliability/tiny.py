@@ -10,10 +10,10 @@ over 49,152 tokens would give a chi-square test no power.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+from fixtures.tiny import write_llama
+
 LM_HEAD_STD = 0.3  # logit std ~2.4: at T=0.8 the top token has p~0.29, 13 tokens hold ~53%
 
 
@@ -29,21 +29,9 @@ def tiny_config(vocab_size: int) -> dict:
 
 
 def write_tiny_llama(dest: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
-    """Random weights (fixed seed) via transformers' LlamaForCausalLM; tokenizer files copied in."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    """Random weights (fixed seed) with the LM head scaled up; tokenizer files copied in."""
     vocab = json.loads((tokenizer_dir / "config.json").read_text())["vocab_size"]
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**tiny_config(vocab))).to(torch.float32)
-    with torch.no_grad():
-        model.lm_head.weight.normal_(0.0, LM_HEAD_STD)
-    dest.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(dest), safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        if (tokenizer_dir / name).exists():
-            shutil.copy(tokenizer_dir / name, dest / name)
-    return dest
+    return write_llama(dest, tiny_config(vocab), tokenizer_dir, seed=seed, lm_head_std=LM_HEAD_STD)
 
 
 def first_token_probs(model_dir: Path, prompt_ids: list[int], temperature: float):

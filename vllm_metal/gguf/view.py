@@ -54,9 +54,9 @@ def read_pointer(model_dir: Path) -> dict:
 
 
 def _cache_root() -> Path:
-    from vllm_metal.models.default_model import default_cache_dir
+    from vllm_metal.paths import model_cache_dir
 
-    return default_cache_dir() / "gguf"
+    return model_cache_dir() / "gguf"
 
 
 def view_dir(gguf: Path) -> Path:
