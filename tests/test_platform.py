@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 import vllm_metal
-from vllm_metal import compat
+from vllm_metal.patches.mlx_lm import config_overrides
 
 
 def test_register_returns_platform_and_vllm_selects_it():
@@ -134,12 +134,12 @@ def test_vllm_serve_exits_with_clear_message_on_refused_config(models):
 
 def test_rope_parameters_are_lifted_for_mlx_lm():
     cfg = {"rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}}
-    assert compat.mlx_lm_config_overrides(cfg) == {"rope_theta": 100000.0}
+    assert config_overrides(cfg) == {"rope_theta": 100000.0}
     scaled = {"rope_parameters": {"rope_theta": 5e5, "rope_type": "llama3", "factor": 8.0}}
-    assert compat.mlx_lm_config_overrides(scaled) == {
+    assert config_overrides(scaled) == {
         "rope_theta": 5e5, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "type": "llama3"}}
-    assert compat.mlx_lm_config_overrides({"rope_theta": 1.0, "rope_parameters": {"rope_theta": 2.0}}) == {}
-    assert compat.mlx_lm_config_overrides({}) == {}
+    assert config_overrides({"rope_theta": 1.0, "rope_parameters": {"rope_theta": 2.0}}) == {}
+    assert config_overrides({}) == {}
 
 
 @pytest.mark.parametrize(("case", "env", "args", "phrases"), [
