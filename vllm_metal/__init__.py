@@ -14,26 +14,22 @@ logger = logging.getLogger("vllm.metal")
 
 
 def register() -> str | None:
-    """Return the platform's qualified name when MLX imports, else None (vLLM then picks another)."""
-    _load_cpu_blas()
+    """Return the platform's qualified name when MLX imports, else None (vLLM then picks another).
+
+    The patches of this phase (``patches.at_register``) come first: the CPU BLAS must be loaded
+    before anything imports MLX.
+    """
+    from vllm_metal import envs, patches
+
+    try:
+        cpu_blas = envs.load().cpu_blas
+    except envs.MetalConfigError:  # the platform refuses it at startup, naming the fix
+        cpu_blas = None
+    patches.at_register(cpu_blas)
     try:
         import mlx.core  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - a broken MLX install must not break vLLM
         logger.debug("vllm-metal not activated: mlx.core does not import (%s)", exc)
         return None
-    from vllm_metal import envs
-
     envs.register_with_vllm()
     return "vllm_metal.platform.MetalPlatform"
-
-
-def _load_cpu_blas() -> None:
-    """Before MLX is first imported: an optimized BLAS for its CPU matmuls (compat.load_cpu_blas).
-    An invalid VLLM_METAL_CPU_BLAS is left to the platform, which refuses it at startup."""
-    from vllm_metal import compat, envs
-
-    try:
-        setting = envs.load().cpu_blas
-    except envs.MetalConfigError:
-        return
-    compat.load_cpu_blas(setting)

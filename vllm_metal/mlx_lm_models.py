@@ -102,13 +102,13 @@ def prepare_mlx_lm(config: dict) -> dict:
     """Everything mlx-lm needs before it builds ``config``'s model; called by the loader.
 
     Refuses architectures mlx-lm lacks (``check_supported``), installs the loading shims of
-    ``compat.patch_mlx_lm`` and returns the config overrides for ``mlx_lm.utils.load_model``.
+    ``patches.at_model_load`` and returns the config overrides for ``mlx_lm.utils.load_model``.
     """
-    from vllm_metal import compat
+    from vllm_metal import patches
 
     check_supported(config)
-    compat.patch_mlx_lm()
-    overrides = compat.mlx_lm_config_overrides(config)
+    patches.at_model_load()
+    overrides = patches.mlx_lm.config_overrides(config)
     if config.get("model_type") in TEXT_ONLY_ALIASES:
         overrides["model_type"] = TEXT_ONLY_ALIASES[config["model_type"]]
     return overrides

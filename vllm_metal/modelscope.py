@@ -4,6 +4,7 @@ With ``VLLM_USE_MODELSCOPE=True`` vLLM would download ``owner/name`` from models
 resolve it to a local directory first — ``VLLM_METAL_MODELSCOPE_CACHE`` (a model directory or
 a cache root), else ``$MODELSCOPE_CACHE``, else ``~/.cache/modelscope/hub`` — so a pre-downloaded
 model serves without network, and a missing one fails with the places we looked.
+``patches.vllm.resolve_model_names`` puts ``resolve`` in front of vLLM's name lookups.
 """
 
 from __future__ import annotations
@@ -65,55 +66,12 @@ def resolve(model_id: str, explicit: str | None) -> str:
     )
 
 
-def install_resolver(explicit: str | None) -> None:
-    """Make vLLM see the local directory instead of the ModelScope id, before it looks it up.
-
-    With HF_HUB_OFFLINE vLLM's EngineArgs maps the name through ``get_model_path``; it then
-    probes the model for a speculator config
-    (``maybe_override_with_speculators``, whose returned model/tokenizer replace its own) and
-    ModelConfig then passes names through ``maybe_model_redirect``; we resolve the id in both,
-    so nothing reaches ModelScope's network client.
-    Delete when: vLLM offers a hook to map model names before loading (or resolves ModelScope
-    ids from its local cache when offline).
-    """
-    import vllm.config.model as model_config_module
-    import vllm.engine.arg_utils as arg_utils
-
-    redirect = model_config_module.maybe_model_redirect
-    if getattr(redirect, "__vllm_metal_modelscope__", False):
-        return
-
-    def resolve_name(name):
-        return name if name is None else resolve(name, explicit)
-
-    def model_redirect(model: str) -> str:
-        return resolve_name(redirect(model))
-
-    model_path = arg_utils.get_model_path
-
-    def get_model_path(model, revision=None):
-        resolved = resolve_name(model)
-        return resolved if resolved != model else model_path(model, revision)
-
-    speculators = arg_utils.maybe_override_with_speculators
-
-    def override_with_speculators(*args, **kwargs):
-        kwargs["model"] = resolve_name(kwargs.get("model"))
-        if kwargs.get("tokenizer"):
-            kwargs["tokenizer"] = resolve_name(kwargs["tokenizer"])
-        return speculators(*args, **kwargs)
-
-    model_redirect.__vllm_metal_modelscope__ = True
-    model_config_module.maybe_model_redirect = model_redirect
-    arg_utils.maybe_override_with_speculators = override_with_speculators
-    arg_utils.get_model_path = get_model_path
-
-
 def register_general_plugin() -> None:
     """``vllm.general_plugins`` entry point: vLLM loads it in every process before it resolves
-    the model name (EngineArgs.__post_init__), which is where ModelScope ids must be mapped."""
-    from vllm_metal import envs
+    the model name (EngineArgs.__post_init__), which is where ModelScope ids must be mapped
+    (``patches.model_names``)."""
+    from vllm_metal import envs, patches
 
     cfg = envs.load()
     if cfg.use_modelscope:
-        install_resolver(cfg.modelscope_cache)
+        patches.model_names(cfg.use_modelscope, cfg.modelscope_cache)

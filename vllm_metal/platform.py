@@ -16,7 +16,7 @@ import torch
 from vllm.logger import init_logger
 from vllm.platforms.interface import Platform, PlatformEnum
 
-from vllm_metal import compat, envs, gguf, modelscope, preflight, request_fields, security
+from vllm_metal import envs, patches, preflight
 from vllm_metal.device import describe_device, device_memory_bytes, select_device
 
 if TYPE_CHECKING:
@@ -62,8 +62,8 @@ class MetalPlatform(Platform):
 
     @classmethod
     def import_kernels(cls) -> None:
-        """vLLM's CPU ops, in the build this CPU can execute (see ``compat.import_cpu_kernels``)."""
-        compat.import_cpu_kernels()
+        """vLLM's CPU ops, in the build this CPU can execute (see ``patches.vllm.import_cpu_kernels``)."""
+        patches.vllm.import_cpu_kernels()
 
     @classmethod
     def manual_seed_all(cls, seed: int) -> None:
@@ -104,18 +104,14 @@ class MetalPlatform(Platform):
         """Before vLLM builds its config: resolve ModelScope ids to the local cache, and let a
         ``.gguf`` file stand for a checkpoint directory."""
         cfg = envs.load()
-        if cfg.use_modelscope:
-            modelscope.install_resolver(cfg.modelscope_cache)
-        gguf.install_resolver()
+        patches.model_names(cfg.use_modelscope, cfg.modelscope_cache)
 
     @classmethod
     def check_and_update_config(cls, vllm_config: VllmConfig) -> None:
         """Validate our env vars and the vLLM flags we cannot honour; set worker and cache."""
         cfg = envs.load()
         select_device(cfg.mlx_device)  # logs the fallback once, early
-        compat.apply()
-        security.guard_all_routes()  # --api-key: every route but /health, /ping
-        request_fields.refuse_unknown_fields()  # 400 naming undeclared top-level fields
+        patches.in_platform()  # torch.accelerator no-ops; the API server's key and field checks
         preflight.check_checkpoint(vllm_config.model_config)  # corrupt weights, no tokenizer
 
         parallel = vllm_config.parallel_config
@@ -169,17 +165,12 @@ class MetalPlatform(Platform):
             cache.enable_prefix_caching = cfg.prefix_cache
 
         # No torch.compile / CUDA graphs: the forward is MLX.
-        from vllm.config import CompilationMode
+        from vllm.config import CompilationMode, CUDAGraphMode
 
         comp = vllm_config.compilation_config
         comp.mode = CompilationMode.NONE
         comp.cudagraph_capture_sizes = []
-        try:
-            from vllm.config import CUDAGraphMode
-
-            comp.cudagraph_mode = CUDAGraphMode.NONE
-        except ImportError:  # pragma: no cover - older vLLM
-            pass
+        comp.cudagraph_mode = CUDAGraphMode.NONE
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 
 

@@ -8,14 +8,12 @@ their handlers, e.g. ``/invocations``). Nested objects stay lenient: agents put 
 such as ``cache_control`` on content blocks and tools, and those never change the output.
 
 A few top-level keys are accepted because every value of theirs is honoured as is (``HONOURED``).
-Delete when: vLLM refuses undeclared request fields itself (``OpenAIBaseModel`` in
-vllm/entrypoints/serve/engine/protocol.py).
+``patches.vllm.refuse_unknown_fields`` puts the check in front of the handlers.
 """
 
 from __future__ import annotations
 
 import functools
-import sys
 
 # key -> why any value of it is honoured here
 HONOURED: dict[str, str] = {
@@ -73,29 +71,6 @@ def unknown_fields_message(bad: list[str]) -> str:
             f"implement them and will not ignore them silently; remove them from the request.{hint}")
 
 
-def _checked(method):
-    @functools.wraps(method)
-    async def wrapper(self, request, raw_request=None):
-        bad = unhonoured(await _extra_fields(request, raw_request))
-        if bad:
-            return self.create_error_response(unknown_fields_message(bad), param=bad[0])
-        return await method(self, request, raw_request)
-
-    wrapper.__vllm_metal_checked__ = True
-    return wrapper
-
-
-def refuse_unknown_fields() -> None:
-    """Patch the three generation handlers in an API server process (one that imported FastAPI)."""
-    if "fastapi" not in sys.modules:
-        return
-    from vllm.entrypoints.anthropic.serving import AnthropicServingMessages
-    from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
-    from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
-
-    for cls, name in ((OpenAIServingCompletion, "create_completion"),
-                      (OpenAIServingChat, "create_chat_completion"),
-                      (AnthropicServingMessages, "create_messages")):
-        method = cls.__dict__[name]
-        if not getattr(method, "__vllm_metal_checked__", False):
-            setattr(cls, name, _checked(method))
+async def unsupported_fields(request, raw_request) -> list[str]:
+    """The undeclared top-level fields of a parsed ``request`` that it may not carry, sorted."""
+    return unhonoured(await _extra_fields(request, raw_request))

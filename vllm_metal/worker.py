@@ -18,7 +18,7 @@ from vllm.logger import init_logger
 from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheSpec
 from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
 
-from vllm_metal import compat, envs
+from vllm_metal import envs, patches
 from vllm_metal.device import describe_device, device_memory_bytes, on_gpu, select_device
 from vllm_metal.model_runner import MetalModelRunner
 
@@ -49,7 +49,7 @@ class MetalWorker(WorkerBase):
         logger.info("vllm-metal: worker on MLX %s (%s)", describe_device(), device)
         if not on_gpu():
             logger.info("vllm-metal: MLX's CPU matmuls use %s (VLLM_METAL_CPU_BLAS=%s)",
-                        compat.CPU_BLAS or "the BLAS MLX's wheel links", self.envs.cpu_blas)
+                        patches.mlx.CPU_BLAS or "the BLAS MLX's wheel links", self.envs.cpu_blas)
         self.model_runner = MetalModelRunner(self.vllm_config, self.envs)
 
     def load_model(self, *, load_dummy_weights: bool = False) -> None:

@@ -28,7 +28,6 @@ EOF
 . /tmp/gpu-env.sh
 # The plugin itself, as a dist (vLLM finds platform plugins through entry points).
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --target "$site" "$root"
-python3 -m vllm_metal.compat
 python3 -c "import mlx.core as mx; assert mx.cuda.is_available(), 'MLX sees no CUDA device'; print('mlx', mx.__version__, mx.default_device())"
 (cd "$root" && python3 -m fixtures.bundled_model >/dev/null)
 touch "$site/.installed"

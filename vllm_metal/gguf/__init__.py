@@ -5,6 +5,6 @@
 affine format (``blocks``); ``names`` maps llama.cpp's tensor names onto mlx-lm's.
 """
 
-from vllm_metal.gguf.view import GgufError, ensure_view, install_resolver, is_gguf_file, is_view
+from vllm_metal.gguf.view import GgufError, check_tokenizer, ensure_view, is_gguf_file, is_view
 
-__all__ = ["GgufError", "ensure_view", "install_resolver", "is_gguf_file", "is_view"]
+__all__ = ["GgufError", "check_tokenizer", "ensure_view", "is_gguf_file", "is_view"]

