@@ -64,14 +64,3 @@ def resolve(model_id: str, explicit: str | None) -> str:
         f"Download it first (`modelscope download --model {model_id}`), or point "
         "VLLM_METAL_MODELSCOPE_CACHE at the model directory or the cache root."
     )
-
-
-def register_general_plugin() -> None:
-    """``vllm.general_plugins`` entry point: vLLM loads it in every process before it resolves
-    the model name (EngineArgs.__post_init__), which is where ModelScope ids must be mapped
-    (``patches.model_names``)."""
-    from vllm_metal import envs, patches
-
-    cfg = envs.load()
-    if cfg.use_modelscope:
-        patches.model_names(cfg.use_modelscope, cfg.modelscope_cache)

@@ -18,7 +18,7 @@ phase              called from                                    installs
                    and the ``vllm.general_plugins`` entry point   local model directories
 ``in_platform``    ``MetalPlatform.check_and_update_config``      torch.accelerator no-ops, the API
                                                                   server's key and field checks
-``at_model_load``  ``models.registry.prepare_mlx_lm``             mlx-lm's loading fixes
+``at_model_load``  ``mlx_lm_models.prepare_mlx_lm``               mlx-lm's loading fixes
 =================  =============================================  ==================================
 
 Two more are not installed but called: ``vllm.import_cpu_kernels`` (``MetalPlatform.import_kernels``)
@@ -41,6 +41,16 @@ def at_register(cpu_blas: str | None) -> None:
 def model_names(use_modelscope: bool, modelscope_cache: str | None) -> None:
     """Let vLLM take a ``.gguf`` file, and with VLLM_USE_MODELSCOPE a ModelScope id, as the model."""
     vllm.resolve_model_names(use_modelscope, modelscope_cache)
+
+
+def general_plugin() -> None:
+    """``vllm.general_plugins`` entry point: vLLM loads it in every process before it resolves
+    the model name (EngineArgs.__post_init__), which is where ModelScope ids must be mapped."""
+    from vllm_metal import envs
+
+    cfg = envs.load()
+    if cfg.use_modelscope:
+        model_names(cfg.use_modelscope, cfg.modelscope_cache)
 
 
 def in_platform() -> None:
