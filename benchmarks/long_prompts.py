@@ -48,7 +48,8 @@ import httpx
 
 from benchmarks import machine
 from benchmarks.load import percentile
-from benchmarks.systems import Server, Setup, StartError
+from benchmarks.server import StartError, vllm_serve_command
+from benchmarks.systems import Server, Setup
 
 SERVED_NAME = "llama-random"
 MARKER = ".long-prompts-checkpoint.json"
@@ -323,10 +324,9 @@ class LongServe(Server):
 
     def command(self) -> list[str]:
         a, s = self.args, self.setup
-        cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(s.hf),
-               "--host", "127.0.0.1", "--port", str(self.port), "--served-model-name", SERVED_NAME,
-               "--dtype", a.dtype, "--max-model-len", str(s.max_model_len),
-               "--max-num-seqs", str(s.max_num_seqs), "--seed", "0", "--no-enable-prefix-caching"]
+        cmd = vllm_serve_command(s.hf, self.port, [
+            "--served-model-name", SERVED_NAME, "--dtype", a.dtype, "--max-model-len", str(s.max_model_len),
+            "--max-num-seqs", str(s.max_num_seqs), "--seed", "0", "--no-enable-prefix-caching"])
         if a.kv_cache_memory_bytes:
             cmd += ["--kv-cache-memory-bytes", a.kv_cache_memory_bytes]
         if a.max_num_batched_tokens:
