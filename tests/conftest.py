@@ -76,6 +76,27 @@ def metal_worker(model_dir: Path, *, dtype: str, max_model_len: int, num_blocks:
     return worker
 
 
+def runner_step(worker, scheduled: dict[str, int], new=(), cached=None, finished=()):
+    """One engine step built by hand: a ``SchedulerOutput`` that schedules ``scheduled`` (request id ->
+    tokens) for the ``new`` and ``cached`` requests and finishes ``finished``, run by ``worker``.
+
+    Returns the step's ``ModelRunnerOutput`` (sampled when the runner defers sampling)."""
+    from vllm.v1.core.sched.output import CachedRequestData, SchedulerOutput
+
+    so = SchedulerOutput(
+        scheduled_new_reqs=list(new),
+        scheduled_cached_reqs=cached or CachedRequestData.make_empty(),
+        num_scheduled_tokens=scheduled,
+        total_num_scheduled_tokens=sum(scheduled.values()),
+        scheduled_spec_decode_tokens={},
+        scheduled_encoder_inputs={},
+        finished_req_ids=set(finished),
+        free_encoder_mm_hashes=[],
+    )
+    out = worker.execute_model(so)
+    return worker.sample_tokens(None) if out is None else out
+
+
 class VllmServer(ServerProcess):
     """A live ``vllm serve`` subprocess on loopback, started healthy; ``url`` is its OpenAI base URL.
 
