@@ -146,8 +146,8 @@ def test_mlx_managed_cache_path_keeps_tokens(models, prompts, sequential):
         log = srv.log_path.read_text()
         assert "MLX-managed KV cache" in log
         # VLLM_METAL_DEBUG splits each step's host time where the engine calls the runner, in the
-        # format benchmarks.served_steps parses (the last request decoded alone).
-        from benchmarks.served_steps import decode_steps, request_steps
+        # format benchmarks.investigations.served_steps parses (the last request decoded alone).
+        from benchmarks.investigations.served_steps import decode_steps, request_steps
 
         steps = decode_steps(log)
         assert len(steps) >= N_NEW - 1, log[-2000:]

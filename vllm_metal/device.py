@@ -29,7 +29,7 @@ def gpu_backend() -> str | None:
 # MLX ends a GPU command buffer (a CUDA graph on NVIDIA) once the arrays its kernels read add up
 # to MLX_MAX_MB_PER_BUFFER megabytes (1000 on an H100/H200). Each K/V write reads its layer's whole
 # pool (it updates it in place), so a pool of a few GB cut every decode step into extra buffers:
-# +0.3 ms of launch per step, served, on an H200 (benchmarks.served_steps). The kernel count
+# +0.3 ms of launch per step, served, on an H200 (benchmarks.investigations.served_steps). The kernel count
 # (MLX_MAX_OPS_PER_BUFFER) still bounds each buffer.
 # MLX's CUDA backend caches the CUDA graphs it builds (MLX_CUDA_GRAPH_CACHE_SIZE, 400, least recently
 # used out) and by default raises "Cache thrashing is happening" on every miss once a process has

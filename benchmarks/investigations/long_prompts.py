@@ -1,6 +1,6 @@
 """Load test: long prompts from many concurrent clients at once, on a random-weight Llama checkpoint.
 
-    python -m benchmarks.long_prompts [--shape llama-1b|llama-8b] [--checkpoint-dir DIR]
+    python -m benchmarks.investigations.long_prompts [--shape llama-1b|llama-8b] [--checkpoint-dir DIR]
         [--scenario CxP@L ...] [--clients 16 --prompt-tokens 6000 --max-model-len 8192]
         [--max-tokens 128] [--dtype bfloat16] [--max-num-seqs 64] [--kv-cache-memory-bytes B]
         [--max-num-batched-tokens N] [--server-args "..."] [--out results.json]
@@ -204,7 +204,7 @@ def ensure_checkpoint(out: Path, shape_name: str, seed: int) -> dict[str, Any]:
     opens the GPU (its memory would count in nvidia-smi's readings)."""
     if cached_checkpoint(out, shape_name, seed):
         return {"cached": True}
-    cmd = [sys.executable, "-m", "benchmarks.long_prompts", "--build-only", "--shape", shape_name,
+    cmd = [sys.executable, "-m", "benchmarks.investigations.long_prompts", "--build-only", "--shape", shape_name,
            "--checkpoint-dir", str(out), "--seed", str(seed)]
     print(f"building the {shape_name} checkpoint in {out} ...", flush=True)
     done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
@@ -543,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
         "scenarios": [s.name for s in scenarios],
     }
     meta = {"date": time.strftime("%Y-%m-%d %H:%M %Z"),
-            "command": "python -m benchmarks.long_prompts " + " ".join(
+            "command": "python -m benchmarks.investigations.long_prompts " + " ".join(
                 shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))}
     doc: dict[str, Any] = {"meta": meta, "config": config, "scenarios": []}
     for scenario in scenarios:
