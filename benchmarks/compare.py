@@ -26,8 +26,9 @@ from benchmarks import machine, report
 from benchmarks.load import timed_chat
 from benchmarks.prompts import PROTOCOL_PROMPTS, chat_body, eos_logit_bias, sweep_prompts, write_jsonl
 from benchmarks.protocol import MAX_TOKENS, run_protocol
+from benchmarks.server import StartError
 from benchmarks.sweep import CONCURRENCY, num_prompts_for, run_sweep
-from benchmarks.systems import SYSTEMS, Server, Setup, StartError
+from benchmarks.systems import SYSTEMS, Server, Setup
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL = {"max_tokens": list(MAX_TOKENS), "prompts": 3, "runs": 3, "concurrency": list(CONCURRENCY),

@@ -1,7 +1,8 @@
 """A small OpenAI-compatible load generator (httpx, asyncio), and the protocol's timed request.
 
-The concurrency sweep uses vLLM's own ``vllm bench serve`` by default (see ``sweep.py``); this
-client is the ``--loadgen builtin`` alternative and measures the same way: TTFT is the time to the
+This client is the concurrency sweep's default load generator (``--loadgen builtin``), the same
+for every system; vLLM's ``vllm bench serve`` (``--loadgen vllm-bench``, see ``sweep.py``) stays
+available to cross-check the vLLM systems and measures the same way: TTFT is the time to the
 first chunk carrying text, TPOT is ``(latency - TTFT) / (tokens - 1)``, output throughput is all
 completion tokens over the wall clock of the whole run. Completion tokens come from the stream's
 usage chunk (``stream_options.include_usage``); servers that send none (llama.cpp's Python server)

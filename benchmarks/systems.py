@@ -1,9 +1,10 @@
 """The compared systems, each a real OpenAI-compatible server started on loopback and stopped.
 
 One small class per system says how to start it (command line, environment), where its health
-URL is, what model id requests carry, and why it cannot run here (``unavailable()``). A server that
-fails to start raises :class:`StartError` with the reason and the tail of its log, which the
-report shows instead of dropping the system.
+URL is, what model id requests carry, and why it cannot run here (``unavailable()``); starting and
+stopping is :class:`benchmarks.server.ServerProcess`. A server that fails to start raises
+:class:`benchmarks.server.StartError` with the reason and the tail of its log, which the report
+shows instead of dropping the system.
 """
 
 from __future__ import annotations
@@ -11,21 +12,15 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
+from benchmarks.server import ServerProcess, free_port, vllm_serve_command
 
 SERVED_NAME = "smollm2"
-
-
-class StartError(RuntimeError):
-    """The server could not start; the message carries the reason and its log tail."""
+LOG_TAIL_LINES = 25  # of a server's log in a start error and the report
 
 
 @dataclass(frozen=True)
@@ -42,12 +37,6 @@ class Setup:
     log_dir: Path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _version(dist: str) -> str:
     try:
         return importlib.metadata.version(dist)
@@ -56,7 +45,7 @@ def _version(dist: str) -> str:
 
 
 class Server:
-    """Base class: subprocess lifecycle; subclasses give the command line and environment."""
+    """Base class: one system's server; subclasses give the command line and environment."""
 
     name = ""
     checkpoint_kind = ""  # which of Setup's checkpoints it serves, for the report
@@ -65,9 +54,9 @@ class Server:
 
     def __init__(self, setup: Setup):
         self.setup = setup
-        self.port = _free_port()
+        self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
+        self.process: ServerProcess | None = None
         self.log_path = setup.log_dir / f"{self.name}-{self.port}.log"
         self.startup_s = float("nan")
 
@@ -100,55 +89,28 @@ class Server:
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self, timeout: float) -> None:
-        """Start the server and wait for its health URL; raise :class:`StartError` if it fails."""
-        self.setup.log_dir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **self.env()}
-        t0 = time.monotonic()
-        with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                         env=env, start_new_session=True)
-        deadline = t0 + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise StartError(f"exited with code {self.proc.returncode} during startup\n"
-                                 f"{self.log_tail()}")
-            if self._log_has_fatal_marker():
-                self.stop()
-                raise StartError(f"failed during startup\n{self.log_tail()}")
-            try:
-                if httpx.get(self.base_url + self.health_path, timeout=5).status_code == 200:
-                    self.startup_s = time.monotonic() - t0
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        self.stop()
-        raise StartError(f"not healthy after {timeout:.0f} s\n{self.log_tail()}")
+        """Start the server and wait for its health URL; raise ``StartError`` if it fails."""
+        env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **self.env()}
+        self.process = ServerProcess(self.command(), self.port, self.log_path, env=env,
+                                     health_path=self.health_path, fatal_log_markers=self.fatal_log_markers,
+                                     error_tail_lines=LOG_TAIL_LINES)
+        self.process.start(timeout)
+        self.startup_s = self.process.startup_s
 
-    def _log_has_fatal_marker(self) -> bool:
-        if not self.fatal_log_markers or not self.log_path.exists():
-            return False
-        text = self.log_path.read_text(errors="replace")
-        return any(m in text for m in self.fatal_log_markers)
+    @property
+    def proc(self) -> subprocess.Popen | None:
+        return self.process.proc if self.process else None
 
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return self.process is not None and self.process.alive()
 
     def stop(self) -> None:
         """SIGTERM the server's process group, SIGKILL after 30 s."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        if self.process is not None:
+            self.process.stop()
 
-    def log_tail(self, n: int = 25) -> str:
-        if not self.log_path.exists():
-            return ""
-        return "".join(self.log_path.read_text(errors="replace").splitlines(True)[-n:])
+    def log_tail(self, n: int = LOG_TAIL_LINES) -> str:
+        return self.process.log_tail(n) if self.process else ""
 
 
 class _VllmServe(Server):
@@ -156,10 +118,9 @@ class _VllmServe(Server):
 
     def command(self) -> list[str]:
         s = self.setup
-        return [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(s.hf),
-                "--host", "127.0.0.1", "--port", str(self.port), "--served-model-name", SERVED_NAME,
-                "--dtype", "float32", "--max-model-len", str(s.max_model_len),
-                "--max-num-seqs", str(s.max_num_seqs), "--seed", "0", *self.extra_args()]
+        return vllm_serve_command(s.hf, self.port, [
+            "--served-model-name", SERVED_NAME, "--dtype", "float32", "--max-model-len", str(s.max_model_len),
+            "--max-num-seqs", str(s.max_num_seqs), "--seed", "0", *self.extra_args()])
 
     def extra_args(self) -> list[str]:
         return []

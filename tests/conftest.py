@@ -8,11 +8,6 @@ pytest-xdist workers: once per worker that runs such a test).
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +28,7 @@ import vllm_metal  # noqa: E402
 # the suite. HF transformers stays the reference that shares no arithmetic with MLX.
 vllm_metal.register()
 
+from benchmarks.server import Exit, ServerProcess, free_port, run_until_exit, vllm_serve_command  # noqa: E402
 from fixtures.bundled_model import DefaultModels, ensure_default_models  # noqa: E402
 
 LOG_DIR = Path(os.environ.get("VLLM_METAL_TEST_LOGS", "/tmp/vllm-metal-test-logs"))
@@ -41,12 +37,6 @@ LOG_DIR = Path(os.environ.get("VLLM_METAL_TEST_LOGS", "/tmp/vllm-metal-test-logs
 @pytest.fixture(scope="session")
 def models() -> DefaultModels:
     return ensure_default_models()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def parse_metrics(text: str) -> dict[str, float]:
@@ -86,43 +76,41 @@ def metal_worker(model_dir: Path, *, dtype: str, max_model_len: int, num_blocks:
     return worker
 
 
-class VllmServer:
-    """A live ``vllm serve`` subprocess on loopback; ``url`` is its OpenAI base URL."""
+def runner_step(worker, scheduled: dict[str, int], new=(), cached=None, finished=()):
+    """One engine step built by hand: a ``SchedulerOutput`` that schedules ``scheduled`` (request id ->
+    tokens) for the ``new`` and ``cached`` requests and finishes ``finished``, run by ``worker``.
+
+    Returns the step's ``ModelRunnerOutput`` (sampled when the runner defers sampling)."""
+    from vllm.v1.core.sched.output import CachedRequestData, SchedulerOutput
+
+    so = SchedulerOutput(
+        scheduled_new_reqs=list(new),
+        scheduled_cached_reqs=cached or CachedRequestData.make_empty(),
+        num_scheduled_tokens=scheduled,
+        total_num_scheduled_tokens=sum(scheduled.values()),
+        scheduled_spec_decode_tokens={},
+        scheduled_encoder_inputs={},
+        finished_req_ids=set(finished),
+        free_encoder_mm_hashes=[],
+    )
+    out = worker.execute_model(so)
+    return worker.sample_tokens(None) if out is None else out
+
+
+class VllmServer(ServerProcess):
+    """A live ``vllm serve`` subprocess on loopback, started healthy; ``url`` is its OpenAI base URL.
+
+    The MLX device is ``VLLM_MLX_DEVICE`` from the environment (``scripts/gpu/`` sets gpu), else cpu.
+    """
 
     def __init__(self, model: Path, args: list[str], env: dict[str, str] | None = None,
                  name: str = "server", startup_timeout: float = 300.0):
+        port = free_port()
+        super().__init__(vllm_serve_command(model, port, args), port, LOG_DIR / f"{name}-{port}.log",
+                         env={"VLLM_MLX_DEVICE": os.environ.get("VLLM_MLX_DEVICE", "cpu"), **(env or {})})
         self.model = str(model)
-        self.port = _free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
         self.url = f"{self.base}/v1"
-        LOG_DIR.mkdir(parents=True, exist_ok=True)
-        self.log_path = LOG_DIR / f"{name}-{self.port}.log"
-        cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", self.model,
-               "--host", "127.0.0.1", "--port", str(self.port), *args]
-        device = os.environ.get("VLLM_MLX_DEVICE", "cpu")  # scripts/gpu/ sets gpu
-        full_env = {**os.environ, "VLLM_MLX_DEVICE": device, **(env or {})}
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
-                                     start_new_session=True)
-        self._wait(startup_timeout)
-
-    def _wait(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited ({self.proc.returncode}):\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.base}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        self.stop()
-        raise RuntimeError(f"vllm serve did not become healthy in {timeout}s:\n{self.log_tail()}")
-
-    def log_tail(self, n: int = 60) -> str:
-        self._log.flush()
-        return "".join(self.log_path.read_text(errors="replace").splitlines(True)[-n:])
+        self.start(startup_timeout)
 
     def post(self, path: str, body: dict, timeout: float = 300) -> httpx.Response:
         return httpx.post(f"{self.url}{path}", json=body, timeout=timeout)
@@ -131,15 +119,16 @@ class VllmServer:
         """Prometheus samples as ``name{labels}`` -> value (label part dropped)."""
         return parse_metrics(httpx.get(f"{self.base}/metrics", timeout=10).text)
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self._log.close()
+
+def serve_expecting_failure(model: Path | str, args: list[str], env: dict[str, str] | None = None,
+                            name: str = "refused", timeout: float = 300) -> Exit:
+    """``vllm serve`` expected to refuse to start: its exit code and output (log in ``LOG_DIR``).
+
+    ``timeout`` is a hang detector (generous: CI machines are shared), not a speed requirement.
+    """
+    port = free_port()
+    env = {"VLLM_MLX_DEVICE": os.environ.get("VLLM_MLX_DEVICE", "cpu"), **(env or {})}
+    return run_until_exit(vllm_serve_command(model, port, args), LOG_DIR / f"{name}-{port}.log", env, timeout)
 
 
 # The main fp32 server: default uni executor, prefix caching on (vLLM's default), tool calling

@@ -127,7 +127,7 @@ def test_systems_that_cannot_run_are_reported(tmp_path: Path) -> None:
 def test_paths_take_turns_over_the_same_prompts() -> None:
     """paged_vs_mlx_cache's rounds: every prompt once, in order; no round below 4 x concurrency
     (it would not run at full concurrency) unless there is only one; at most --rounds."""
-    from benchmarks.paged_vs_mlx_cache import rounds
+    from benchmarks.investigations.paged_vs_mlx_cache import rounds
 
     prompts = [f"p{i}" for i in range(100)]
     for concurrency, max_rounds, sizes in ((1, 10, [10] * 10), (8, 10, [33, 34, 33]), (32, 10, [100]),

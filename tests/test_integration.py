@@ -9,11 +9,10 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
-from conftest import LOG_DIR, _free_port
+from conftest import LOG_DIR, ServerProcess, free_port
 
 import vllm_metal
 
@@ -21,40 +20,25 @@ import vllm_metal
 def test_docker_model_runner_launch_line(models):
     """DMR verifies an install by importing vllm_metal, then runs exactly this line over TCP."""
     subprocess.run([sys.executable, "-c", "import vllm_metal"], check=True)
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(models.mlx),
            "--served-model-name", "ai/smollm2", "--enable-auto-tool-choice",
            "--tool-call-parser", "hermes", "--max-model-len", "1024", "--port", str(port)]
-    LOG_DIR.mkdir(parents=True, exist_ok=True)
-    log = open(LOG_DIR / f"dmr-{port}.log", "w")
-    env = {**os.environ, "VLLM_MLX_DEVICE": "cpu"}
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
+    srv = ServerProcess(cmd, port, LOG_DIR / f"dmr-{port}.log", env={"VLLM_MLX_DEVICE": "cpu"})
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, (LOG_DIR / f"dmr-{port}.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(1)
-        listed = httpx.get(f"{base}/v1/models", timeout=10).json()
+        srv.start(timeout=300)
+        listed = httpx.get(f"{srv.base}/v1/models", timeout=10).json()
         assert [m["id"] for m in listed["data"]] == ["ai/smollm2"]
-        r = httpx.post(f"{base}/v1/completions", timeout=120, json={
+        r = httpx.post(f"{srv.base}/v1/completions", timeout=120, json={
             "model": "ai/smollm2", "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
-        r = httpx.post(f"{base}/v1/chat/completions", timeout=120, json={
+        r = httpx.post(f"{srv.base}/v1/chat/completions", timeout=120, json={
             "model": "ai/smollm2", "max_tokens": 8, "temperature": 0,
             "messages": [{"role": "user", "content": "What is the capital of France?"}]})
         assert r.status_code == 200
         assert "Paris" in r.json()["choices"][0]["message"]["content"]
     finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=60)
-        log.close()
+        srv.stop()
 
 
 def test_version_matches_distribution():

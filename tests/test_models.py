@@ -23,7 +23,6 @@ import importlib.metadata
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import LOG_DIR, VllmServer, _free_port, completion_tokens
+from conftest import LOG_DIR, VllmServer, completion_tokens, serve_expecting_failure
 from references import LONG_TEXT, PROMPTS, hf_greedy, tokenizer
 
 from fixtures import tiny
@@ -130,7 +129,7 @@ class Launcher:
             path = tiny.build(spec, self.root / name)
             started = time.monotonic()
             if name in EXPECTED_REFUSALS:
-                out = _refused_start(path, name)
+                out = serve_expecting_failure(path, SERVE_ARGS, name=f"matrix-{name}-refused")
             else:
                 out = VllmServer(path, SERVE_ARGS, name=f"matrix-{name}")
             return path, out, time.monotonic() - started
@@ -165,16 +164,6 @@ class Launcher:
                 out = future.result()[1]
                 if isinstance(out, VllmServer):
                     out.stop()
-
-
-def _refused_start(path: Path, name: str) -> subprocess.CompletedProcess:
-    LOG_DIR.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(path),
-           "--host", "127.0.0.1", "--port", str(_free_port()), *SERVE_ARGS]
-    env = {**os.environ, "VLLM_MLX_DEVICE": os.environ.get("VLLM_MLX_DEVICE", "cpu")}
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    (LOG_DIR / f"matrix-{name}-refused.log").write_text(out.stdout + out.stderr)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -274,7 +263,8 @@ def test_architecture_is_refused_at_startup(name, launcher, request):
     try:
         path, out, startup = launcher.get(name)
         row["startup_s"] = round(startup, 1)
-        log = out.stdout + out.stderr
+        log = out.output
+        assert out.returncode is not None, f"vllm serve hung at startup:\n{out.tail()}"
         # Refused in the API server before the engine starts (a pydantic "Value error" wrapping
         # the plugin's preflight check), or by the loader in the engine process.
         match = re.search(r"(?:UnsupportedModelError: |Value error, )(.+?)(?: \[type=value_error.*)?$",

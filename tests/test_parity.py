@@ -147,8 +147,8 @@ def test_mlx_managed_cache_path_keeps_tokens(models, prompts, sequential):
         log = srv.log_path.read_text()
         assert "MLX-managed KV cache" in log
         # VLLM_METAL_DEBUG records each step's host time split where the engine calls the runner,
-        # as benchmarks.served_steps reads it (the last request decoded alone).
-        from benchmarks.served_steps import decode_steps, request_steps
+        # as benchmarks.investigations.served_steps reads it (the last request decoded alone).
+        from benchmarks.investigations.served_steps import decode_steps, request_steps
 
         steps = decode_steps(log)
         assert len(steps) >= N_NEW - 1, log[-2000:]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
-from conftest import VllmServer, completion_tokens, metal_worker
+from conftest import VllmServer, completion_tokens, metal_worker, runner_step
 from references import mlx_greedy, prompt_ids
 
 from fixtures.tiny import write_llama
@@ -56,16 +56,8 @@ def _worker(model_dir: Path, dtype: str = "float32"):
 
 
 def _step(worker, scheduled: dict[str, int], new=(), cached=None, finished=()):
-    from vllm.v1.core.sched.output import CachedRequestData, SchedulerOutput
-
-    so = SchedulerOutput(
-        scheduled_new_reqs=list(new), scheduled_cached_reqs=cached or CachedRequestData.make_empty(),
-        num_scheduled_tokens=scheduled, total_num_scheduled_tokens=sum(scheduled.values()),
-        scheduled_spec_decode_tokens={}, scheduled_encoder_inputs={}, finished_req_ids=set(finished),
-        free_encoder_mm_hashes=[],
-    )
-    out = worker.execute_model(so)
-    out = worker.sample_tokens(None) if out is None else out
+    """One hand-built step (see conftest.runner_step): request id -> the tokens it sampled."""
+    out = runner_step(worker, scheduled, new=new, cached=cached, finished=finished)
     return dict(zip(out.req_ids, out.sampled_token_ids, strict=True))
 
 

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import VllmServer
-from reliability.launch import Run, serve_expecting_failure
+from conftest import Exit, VllmServer, serve_expecting_failure
 from reliability.procs import engine_core, wait_for
 
 pytest_plugins = ("reliability.fixtures",)
@@ -76,7 +75,7 @@ FAULTS: dict[str, tuple[Callable[[Path], None] | None, list[str], list[str]]] = 
 
 
 @pytest.fixture(scope="module")
-def fault_runs(tiny_model, tmp_path_factory) -> dict[str, Run]:
+def fault_runs(tiny_model, tmp_path_factory) -> dict[str, Exit]:
     """Every faulty startup, three at a time (each is mostly vLLM's import time)."""
     root = tmp_path_factory.mktemp("faults")
 
@@ -86,7 +85,7 @@ def fault_runs(tiny_model, tmp_path_factory) -> dict[str, Run]:
         if edit is not None:
             model = _copy(tiny_model, root / fault_id)
             edit(model)
-        return fault_id, serve_expecting_failure(model, ARGS + args)
+        return fault_id, serve_expecting_failure(model, ARGS + args, name=f"fault-{fault_id}")
 
     with ThreadPoolExecutor(3) as pool:
         return dict(pool.map(run, FAULTS.items()))

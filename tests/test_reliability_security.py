@@ -18,8 +18,8 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+from conftest import serve_expecting_failure
 from reliability.http import API_KEY, AUTH, TINY_NAME
-from reliability.launch import serve_expecting_failure
 from reliability.procs import listening_addresses
 
 pytest_plugins = ("reliability.fixtures",)

@@ -8,10 +8,10 @@ computed); every sampled token must equal mlx-lm's greedy continuation.
 from __future__ import annotations
 
 import pytest
-from conftest import metal_worker
+from conftest import metal_worker, runner_step
 from references import mlx_greedy, prompt_ids
 from vllm.sampling_params import SamplingParams
-from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
+from vllm.v1.core.sched.output import CachedRequestData, NewRequestData
 
 BLOCK = 16
 
@@ -21,21 +21,6 @@ def runner(models):
     worker = metal_worker(models.hf, dtype="float32", max_model_len=512, num_blocks=64, block_size=BLOCK)
     yield worker
     worker.shutdown()
-
-
-def _step(worker, new=(), cached=None, scheduled=None, finished=()):
-    so = SchedulerOutput(
-        scheduled_new_reqs=list(new),
-        scheduled_cached_reqs=cached or CachedRequestData.make_empty(),
-        num_scheduled_tokens=scheduled,
-        total_num_scheduled_tokens=sum(scheduled.values()),
-        scheduled_spec_decode_tokens={},
-        scheduled_encoder_inputs={},
-        finished_req_ids=set(finished),
-        free_encoder_mm_hashes=[],
-    )
-    out = worker.execute_model(so)
-    return worker.sample_tokens(None) if out is None else out
 
 
 def _cached(req_id, computed, new_blocks=None, resumed=False, all_tokens=None, num_output=0):
@@ -59,27 +44,27 @@ def test_chunked_prefill_decode_preempt_resume(runner, models):
     want = mlx_greedy(models.mlx, ids, 6)
     n = len(ids)
     # prefill in two chunks: the first yields no token
-    out = _step(runner, new=[_new("a", ids, [1, 2])], scheduled={"a": 10})
+    out = runner_step(runner, new=[_new("a", ids, [1, 2])], scheduled={"a": 10})
     assert out.req_ids == ["a"] and out.sampled_token_ids == [[]]
-    out = _step(runner, cached=_cached("a", 10), scheduled={"a": n - 10})
+    out = runner_step(runner, cached=_cached("a", 10), scheduled={"a": n - 10})
     got = out.sampled_token_ids[0]
     # two decode steps
     for k in range(2):
-        out = _step(runner, cached=_cached("a", n + k, num_output=k + 1), scheduled={"a": 1})
+        out = runner_step(runner, cached=_cached("a", n + k, num_output=k + 1), scheduled={"a": 1})
         got += out.sampled_token_ids[0]
     assert got == want[:3]
     # preempted (not scheduled), then resumed on different blocks: recompute everything
     all_tokens = ids + got
-    out = _step(runner, cached=_cached("a", 0, new_blocks=[5, 6, 7], resumed=True,
+    out = runner_step(runner, cached=_cached("a", 0, new_blocks=[5, 6, 7], resumed=True,
                                        all_tokens=all_tokens, num_output=3),
                 scheduled={"a": len(all_tokens)})
     got += out.sampled_token_ids[0]
     for k in range(2):
         computed = len(all_tokens) + k
-        out = _step(runner, cached=_cached("a", computed, num_output=4 + k), scheduled={"a": 1})
+        out = runner_step(runner, cached=_cached("a", computed, num_output=4 + k), scheduled={"a": 1})
         got += out.sampled_token_ids[0]
     assert got == want
-    out = _step(runner, finished=["a"], scheduled={})
+    out = runner_step(runner, finished=["a"], scheduled={})
     assert out.req_ids == []
 
 
@@ -89,11 +74,11 @@ def test_prefix_hit_and_batched_requests(runner, models):
     want_long = mlx_greedy(models.mlx, long_ids, 3)
     want_short = mlx_greedy(models.mlx, short_ids, 3)
     # "p" computes the long prompt into blocks 10-12
-    out = _step(runner, new=[_new("p", long_ids, [10, 11, 12])], scheduled={"p": 40})
+    out = runner_step(runner, new=[_new("p", long_ids, [10, 11, 12])], scheduled={"p": 40})
     assert out.sampled_token_ids == [[want_long[0]]]
     # "q": same prompt, first two blocks (32 tokens) already cached -> only 8 tokens computed;
     # scheduled in one batch with a fresh short request and p's decode step
-    out = _step(
+    out = runner_step(
         runner,
         new=[_new("q", long_ids, [10, 11, 13], computed=32), _new("s", short_ids, [14])],
         cached=_cached("p", 40, num_output=1),
@@ -103,7 +88,7 @@ def test_prefix_hit_and_batched_requests(runner, models):
     assert by_id["q"] == [want_long[0]]
     assert by_id["s"] == [want_short[0]]
     assert by_id["p"] == [want_long[1]]
-    _step(runner, finished=["p", "q", "s"], scheduled={})
+    runner_step(runner, finished=["p", "q", "s"], scheduled={})
 
 
 def test_one_sequence_on_scattered_blocks(runner, models):
@@ -117,18 +102,18 @@ def test_one_sequence_on_scattered_blocks(runner, models):
     cached_ids = prompt_ids(models.hf)[7]  # 39 tokens: blocks 41, 42 full, 43 partly
     short_ids = prompt_ids(models.hf)[0]
     want, want_cached = mlx_greedy(models.mlx, ids, 5), mlx_greedy(models.mlx, cached_ids, 3)
-    out = _step(runner, new=[_new("p", cached_ids, [41, 42, 43])], scheduled={"p": 39})
+    out = runner_step(runner, new=[_new("p", cached_ids, [41, 42, 43])], scheduled={"p": 39})
     assert out.sampled_token_ids == [want_cached[:1]]
-    _step(runner, finished=["p"], scheduled={})  # its full blocks stay in vLLM's prefix cache
-    out = _step(runner, new=[_new("r", ids, [40, 43])], scheduled={"r": 30})
+    runner_step(runner, finished=["p"], scheduled={})  # its full blocks stay in vLLM's prefix cache
+    out = runner_step(runner, new=[_new("r", ids, [40, 43])], scheduled={"r": 30})
     got = out.sampled_token_ids[0]
     for k in range(3):  # positions 30, 31, 32; position 32 opens the request's third block
         new_blocks = [3] if 30 + k == 32 else None
-        out = _step(runner, cached=_cached("r", 30 + k, new_blocks=new_blocks, num_output=k + 1),
+        out = runner_step(runner, cached=_cached("r", 30 + k, new_blocks=new_blocks, num_output=k + 1),
                     scheduled={"r": 1})
         got += out.sampled_token_ids[0]
     assert got == want[:4]
-    out = _step(
+    out = runner_step(
         runner,
         new=[_new("h", cached_ids, [41, 42, 12], computed=32), _new("s", short_ids, [13])],
         cached=_cached("r", 33, num_output=4),
@@ -139,8 +124,8 @@ def test_one_sequence_on_scattered_blocks(runner, models):
     assert by_id["s"] == [mlx_greedy(models.mlx, short_ids, 1)[0]]
     got = by_id["h"]
     for k in range(2):  # h alone: its blocks are placed consecutively in turn
-        out = _step(runner, cached=_cached("h", 39 + k, num_output=k + 1), scheduled={"h": 1},
+        out = runner_step(runner, cached=_cached("h", 39 + k, num_output=k + 1), scheduled={"h": 1},
                     finished=["r", "s"] if k == 0 else ())
         got += out.sampled_token_ids[0]
     assert got == want_cached
-    _step(runner, finished=["h"], scheduled={})
+    runner_step(runner, finished=["h"], scheduled={})

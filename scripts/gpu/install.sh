@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# On the GPU machine: join the parts stage.sh made (copied to /root/stage by the earlier calls), install MLX-CUDA,
-# vLLM's sources, the wheels and this checkout into /tmp/site (the image's python3, which holds CUDA torch, is
-# left untouched), build the bundled model, and write /tmp/gpu-env.sh. Idempotent: a second run only re-sources.
+# On the offline GPU machine: join the parts stage.sh made (each part's payload.NN copied into /root/stage, or
+# $STAGE_DIR), install MLX-CUDA, vLLM's sources, the wheels and this checkout into /tmp/site (the image's
+# python3, which holds CUDA torch, is left untouched), build the bundled model, and write /tmp/gpu-env.sh.
+# Idempotent: a second run only re-sources.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 stage=${STAGE_DIR:-/root/stage}
@@ -9,7 +10,7 @@ site=/tmp/site
 if [ -f /tmp/gpu-env.sh ] && [ -f "$site/.installed" ]; then
   echo "gpu install: already done"; exit 0
 fi
-ls "$stage"/payload.* >/dev/null 2>&1 || { echo "gpu install: no parts in $stage (earlier calls went to another machine?)"; exit 1; }
+ls "$stage"/payload.* >/dev/null 2>&1 || { echo "gpu install: no payload.NN parts in $stage: copy every part scripts/gpu/stage.sh wrote there (or set STAGE_DIR)"; exit 1; }
 mkdir -p "$site" /tmp/payload
 cat "$stage"/payload.* | tar -C /tmp/payload -xf -
 python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" /tmp/payload/wheels/*.whl

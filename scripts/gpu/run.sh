@@ -20,11 +20,11 @@ mkdir -p "$out"
 python3 -c "import mlx.core as mx; assert mx.cuda.is_available(), 'MLX sees no CUDA GPU'"
 case "${1:-tests}" in
   tests)   python3 -m pytest -q -p no:cacheprovider tests/test_parity.py 2>&1 | tee "$out/tests.log" | tail -15 ;;
-  paged)   python3 -m benchmarks.paged_vs_mlx_cache --device gpu --out "$out/paged_vs_mlx_cache.json" "${@:2}" ;;
+  paged)   python3 -m benchmarks.investigations.paged_vs_mlx_cache --device gpu --out "$out/paged_vs_mlx_cache.json" "${@:2}" ;;
   compare) python3 -m benchmarks.compare --device gpu --no-protocol --sweep --systems vllm-metal mlx-lm \
              --concurrency 1 2 4 8 16 32 64 --out "$out/compare.json" "${@:2}" ;;
-  decode)  python3 -m benchmarks.decode_roofline --out "$out/decode.json" "${@:2}" ;;
-  steps)   python3 -m benchmarks.served_steps --device gpu --out "$out/served_steps.json" "${@:2}" ;;
-  long)    python3 -m benchmarks.long_prompts --out "$out/long_prompts.json" "${@:2}" ;;
+  decode)  python3 -m benchmarks.investigations.decode_roofline --out "$out/decode.json" "${@:2}" ;;
+  steps)   python3 -m benchmarks.investigations.served_steps --device gpu --out "$out/served_steps.json" "${@:2}" ;;
+  long)    python3 -m benchmarks.investigations.long_prompts --out "$out/long_prompts.json" "${@:2}" ;;
   *) echo "usage: $0 tests|paged|compare|decode|steps|long [args]"; exit 2 ;;
 esac

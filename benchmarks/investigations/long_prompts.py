@@ -1,6 +1,6 @@
 """Load test: long prompts from many concurrent clients at once, on a random-weight Llama checkpoint.
 
-    python -m benchmarks.long_prompts [--shape llama-1b|llama-8b] [--checkpoint-dir DIR]
+    python -m benchmarks.investigations.long_prompts [--shape llama-1b|llama-8b] [--checkpoint-dir DIR]
         [--scenario CxP@L ...] [--clients 16 --prompt-tokens 6000 --max-model-len 8192]
         [--max-tokens 128] [--dtype bfloat16] [--max-num-seqs 64] [--kv-cache-memory-bytes B]
         [--max-num-batched-tokens N] [--server-args "..."] [--out results.json]
@@ -48,7 +48,8 @@ import httpx
 
 from benchmarks import machine
 from benchmarks.load import percentile
-from benchmarks.systems import Server, Setup, StartError
+from benchmarks.server import StartError, vllm_serve_command
+from benchmarks.systems import Server, Setup
 
 SERVED_NAME = "llama-random"
 MARKER = ".long-prompts-checkpoint.json"
@@ -203,7 +204,7 @@ def ensure_checkpoint(out: Path, shape_name: str, seed: int) -> dict[str, Any]:
     opens the GPU (its memory would count in nvidia-smi's readings)."""
     if cached_checkpoint(out, shape_name, seed):
         return {"cached": True}
-    cmd = [sys.executable, "-m", "benchmarks.long_prompts", "--build-only", "--shape", shape_name,
+    cmd = [sys.executable, "-m", "benchmarks.investigations.long_prompts", "--build-only", "--shape", shape_name,
            "--checkpoint-dir", str(out), "--seed", str(seed)]
     print(f"building the {shape_name} checkpoint in {out} ...", flush=True)
     done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
@@ -323,10 +324,9 @@ class LongServe(Server):
 
     def command(self) -> list[str]:
         a, s = self.args, self.setup
-        cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(s.hf),
-               "--host", "127.0.0.1", "--port", str(self.port), "--served-model-name", SERVED_NAME,
-               "--dtype", a.dtype, "--max-model-len", str(s.max_model_len),
-               "--max-num-seqs", str(s.max_num_seqs), "--seed", "0", "--no-enable-prefix-caching"]
+        cmd = vllm_serve_command(s.hf, self.port, [
+            "--served-model-name", SERVED_NAME, "--dtype", a.dtype, "--max-model-len", str(s.max_model_len),
+            "--max-num-seqs", str(s.max_num_seqs), "--seed", "0", "--no-enable-prefix-caching"])
         if a.kv_cache_memory_bytes:
             cmd += ["--kv-cache-memory-bytes", a.kv_cache_memory_bytes]
         if a.max_num_batched_tokens:
@@ -543,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
         "scenarios": [s.name for s in scenarios],
     }
     meta = {"date": time.strftime("%Y-%m-%d %H:%M %Z"),
-            "command": "python -m benchmarks.long_prompts " + " ".join(
+            "command": "python -m benchmarks.investigations.long_prompts " + " ".join(
                 shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))}
     doc: dict[str, Any] = {"meta": meta, "config": config, "scenarios": []}
     for scenario in scenarios:

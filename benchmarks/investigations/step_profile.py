@@ -1,6 +1,6 @@
 """Where one batch-1 decode step's time goes, in process: the plugin's paged forward vs mlx-lm's own.
 
-    python -m benchmarks.step_profile [--dtype float32] [--context 128] [--steps 64] [--device gpu]
+    python -m benchmarks.investigations.step_profile [--dtype float32] [--context 128] [--steps 64] [--device gpu]
         [--cache-limit-mib 256]
 
 No server, no scheduler: the same loaded model runs (a) mlx-lm's ``KVCache`` loop, synchronous

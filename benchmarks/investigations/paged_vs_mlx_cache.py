@@ -1,6 +1,6 @@
 """The plugin's two KV paths, same run, same machine: paged (default) vs the MLX-managed cache.
 
-    python -m benchmarks.paged_vs_mlx_cache [--device cpu|gpu] [--concurrency 1 8 32]
+    python -m benchmarks.investigations.paged_vs_mlx_cache [--device cpu|gpu] [--concurrency 1 8 32]
         [--num-prompts 100] [--max-tokens 64] [--out results.json]
 
 Each path is a real ``vllm serve`` (``VLLM_METAL_USE_PAGED_ATTENTION=1`` / ``=0``) on the bundled
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     md = table(results)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": machine.describe(),
             "versions": machine.versions(), "device": args.device,
-            "command": "python -m benchmarks.paged_vs_mlx_cache " + " ".join(sys.argv[1:] if argv is None else argv),
+            "command": "python -m benchmarks.investigations.paged_vs_mlx_cache " + " ".join(sys.argv[1:] if argv is None else argv),
             "num_prompts": args.num_prompts, "max_tokens": args.max_tokens, "rounds": args.rounds}
     args.out.write_text(json.dumps({"meta": meta, "results": results, "markdown": md}, indent=1))
     print(md)

@@ -1,6 +1,6 @@
 """Single-stream decode against the memory-bandwidth limit, plugin vs ``mlx_lm.generate``.
 
-    python -m benchmarks.decode_roofline [--tokens 256] [--dtype float32 bfloat16] [--out f.json]
+    python -m benchmarks.investigations.decode_roofline [--tokens 256] [--dtype float32 bfloat16] [--out f.json]
 
 Batch-1 decode reads every weight once per token, so its ceiling is measured device bandwidth /
 weight bytes. For each dtype: the device's copy bandwidth (MLX, read + write), mlx-lm's own
@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import mlx.core as mx
 
-from benchmarks.served_steps import decode_steps
+from benchmarks.investigations.served_steps import decode_steps
 from benchmarks.systems import Setup, VllmMetal
 
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."

@@ -1,6 +1,6 @@
 """Where a served single-stream decode step's host time goes, paged vs the MLX-managed KV path.
 
-    python -m benchmarks.served_steps [--device cpu|gpu] [--num-prompts 24] [--max-tokens 64]
+    python -m benchmarks.investigations.served_steps [--device cpu|gpu] [--num-prompts 24] [--max-tokens 64]
         [--rounds 6] [--no-prefix-caching] [--kv-cache-gib 1.0] [--out results.json]
 
 Both paths run as real ``vllm serve`` with ``VLLM_METAL_DEBUG=1``, side by side, taking turns over
@@ -21,8 +21,14 @@ import time
 from pathlib import Path
 
 from benchmarks import machine
+from benchmarks.investigations.paged_vs_mlx_cache import (
+    VllmMetalMlxCache,
+    VllmMetalPaged,
+    rounds,
+    take_turns,
+    warm_up,
+)
 from benchmarks.load import summarize
-from benchmarks.paged_vs_mlx_cache import VllmMetalMlxCache, VllmMetalPaged, rounds, take_turns, warm_up
 from benchmarks.prompts import eos_logit_bias, sweep_prompts
 from benchmarks.sweep import _token_counter
 from benchmarks.systems import Setup
@@ -177,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     md = "\n".join(lines) + "\n"
     meta = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": machine.describe(),
             "versions": machine.versions(), "device": args.device,
-            "command": "python -m benchmarks.served_steps " + " ".join(sys.argv[1:] if argv is None else argv)}
+            "command": "python -m benchmarks.investigations.served_steps " + " ".join(sys.argv[1:] if argv is None else argv)}
     args.out.write_text(json.dumps({"meta": meta, "results": results, "markdown": md}, indent=1))
     print(md)
     return 0

@@ -1,0 +1,1 @@
+"""One-off investigations behind docs/benchmarks.md and docs/reliability.md (see benchmarks/README.md)."""
