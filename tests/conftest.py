@@ -32,6 +32,8 @@ from benchmarks.server import Exit, ServerProcess, free_port, run_until_exit, vl
 from fixtures.bundled_model import DefaultModels, ensure_default_models  # noqa: E402
 
 LOG_DIR = Path(os.environ.get("VLLM_METAL_TEST_LOGS", "/tmp/vllm-metal-test-logs"))
+# VLLM_MLX_DEVICE of the servers tests start: the caller's (``scripts/gpu/`` sets gpu), else cpu.
+SERVER_DEVICE = os.environ.get("VLLM_MLX_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="session")
@@ -107,7 +109,7 @@ class VllmServer(ServerProcess):
                  name: str = "server", startup_timeout: float = 300.0):
         port = free_port()
         super().__init__(vllm_serve_command(model, port, args), port, LOG_DIR / f"{name}-{port}.log",
-                         env={"VLLM_MLX_DEVICE": os.environ.get("VLLM_MLX_DEVICE", "cpu"), **(env or {})})
+                         env={"VLLM_MLX_DEVICE": SERVER_DEVICE, **(env or {})})
         self.model = str(model)
         self.url = f"{self.base}/v1"
         self.start(startup_timeout)
@@ -127,7 +129,7 @@ def serve_expecting_failure(model: Path | str, args: list[str], env: dict[str, s
     ``timeout`` is a hang detector (generous: CI machines are shared), not a speed requirement.
     """
     port = free_port()
-    env = {"VLLM_MLX_DEVICE": os.environ.get("VLLM_MLX_DEVICE", "cpu"), **(env or {})}
+    env = {"VLLM_MLX_DEVICE": SERVER_DEVICE, **(env or {})}
     return run_until_exit(vllm_serve_command(model, port, args), LOG_DIR / f"{name}-{port}.log", env, timeout)
 
 

@@ -37,7 +37,7 @@ INVALID = {
 ACCEPTS_ANYTHING = {"VLLM_METAL_MODELSCOPE_CACHE"}  # a path; empty means unset
 
 DEFAULTS = envs.MetalEnvs(
-    memory_fraction="auto", attention_mb="auto", use_mlx=True, mlx_device="gpu", cpu_blas="auto", block_size=16,
+    memory_fraction="auto", attention_mb="auto", use_mlx=True, mlx_device="auto", cpu_blas="auto", block_size=16,
     use_paged_attention=True, debug=False, use_modelscope=False, modelscope_cache=None,
     prefix_cache=False, prefix_cache_fraction=0.05, prefix_cache_set=False,
 )

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,13 +24,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from conftest import VllmServer, completion_tokens
+from conftest import SERVER_DEVICE, VllmServer, completion_tokens
 from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFWriter
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 from mlx.utils import tree_map
 from references import prompt_ids, tokenizer
 
+from vllm_metal.device import resolve_device
 from vllm_metal.gguf import GgufError, ensure_view
 from vllm_metal.gguf.blocks import UnsupportedQuantError, to_affine
 from vllm_metal.gguf.reader import GgufFile
@@ -307,7 +309,10 @@ def test_tokenizer_needed_only_when_file_has_none(tmp_path, cache, models):
     mc = cfg.model_config
     assert mc.served_model_name == str(path) and mc.tokenizer == str(models.hf)
     assert mc.hf_config.head_dim == 128 and mc.architectures == ["Qwen3ForCausalLM"]
-    assert mc.dtype == torch.float16  # "auto": the file's block scales are float16
+    # "auto": float32 where MLX computes on the CPU (no fast half-precision kernels there), else
+    # the file's float16 block scales
+    on_gpu = resolve_device(os.environ.get("VLLM_MLX_DEVICE", "auto")) == "gpu"
+    assert mc.dtype == (torch.float16 if on_gpu else torch.float32)
 
 
 def test_view_tokenizer_matches_hf(models):
@@ -353,7 +358,10 @@ N_NEW = 16
 
 @pytest.fixture(scope="module")
 def gguf_server(models):
-    srv = VllmServer(models.gguf, ["--tokenizer", str(models.hf), "--dtype", "float32", "--max-model-len", "1024",
+    # Served the obvious way, without --dtype, where MLX computes on the CPU (auto is float32
+    # there); float32 on a GPU, for parity with transformers' float32.
+    dtype = ["--dtype", "float32"] if resolve_device(SERVER_DEVICE) == "gpu" else []
+    srv = VllmServer(models.gguf, ["--tokenizer", str(models.hf), *dtype, "--max-model-len", "1024",
                                    "--max-num-seqs", "8", "--kv-cache-memory-bytes", str(64 * 2**20)],
                      name="gguf")
     yield srv

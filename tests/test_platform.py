@@ -76,9 +76,13 @@ def test_vllm_cpu_kernels_are_the_build_this_cpu_runs():
 
 
 def _engine_config(models, **kwargs):
+    return _engine_config_for(str(models.hf), **kwargs)
+
+
+def _engine_config_for(model: str, **kwargs):
     from vllm.engine.arg_utils import EngineArgs
 
-    return EngineArgs(model=str(models.hf), max_model_len=256, **kwargs).create_engine_config()
+    return EngineArgs(model=model, max_model_len=256, **kwargs).create_engine_config()
 
 
 def test_config_is_rewritten_for_mlx(models):
@@ -99,6 +103,31 @@ def test_prefix_cache_env_sets_vllm_flag(models, monkeypatch):
     assert _engine_config(models).cache_config.enable_prefix_caching is False
     monkeypatch.setenv("VLLM_METAL_PREFIX_CACHE", "1")
     assert _engine_config(models, enable_prefix_caching=False).cache_config.enable_prefix_caching
+
+
+@pytest.mark.parametrize(("device", "dtype", "expected"), [
+    ("auto", "auto", "float32"), ("auto", "bfloat16", "bfloat16"), ("auto", "float16", "float16"),
+    ("gpu", "auto", "float32"),  # an explicit gpu on a machine without one runs on the CPU
+])
+def test_dtype_auto_is_float32_on_mlx_cpu(models, monkeypatch, device, dtype, expected):
+    """On MLX's CPU backend, where half-precision matmuls are several times slower, --dtype auto
+    computes the (float32) bundled checkpoint in float32 instead of vLLM's bfloat16 downcast; an
+    explicit --dtype is kept. (This machine has no GPU MLX can use.)"""
+    import torch
+
+    monkeypatch.setenv("VLLM_MLX_DEVICE", device)
+    assert _engine_config(models, dtype=dtype).model_config.dtype == getattr(torch, expected)
+
+
+def test_gguf_dtype_auto_is_float32_on_mlx_cpu(models):
+    """A GGUF served without --dtype runs its quantized matmuls in float32 on MLX's CPU backend
+    (10-50x faster there than in float16)."""
+    import torch
+
+    from fixtures.bundled_model import gguf_path
+
+    cfg = _engine_config_for(str(gguf_path()), tokenizer=str(models.hf))
+    assert cfg.model_config.dtype == torch.float32
 
 
 @pytest.mark.parametrize(

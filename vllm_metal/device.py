@@ -1,7 +1,8 @@
 """Which MLX device runs the model, and how much memory it has.
 
-``VLLM_MLX_DEVICE=gpu`` means Metal on Apple Silicon and CUDA where ``mlx[cuda13]`` is installed;
-with neither, MLX's CPU backend is used and a warning says so.
+``VLLM_MLX_DEVICE=auto`` (the default) is the GPU where MLX has one (Metal on Apple Silicon, CUDA
+where ``mlx[cuda13]`` is installed), else MLX's CPU backend; an explicit ``gpu`` without one falls
+back to the CPU with a warning.
 """
 
 from __future__ import annotations
@@ -46,24 +47,30 @@ def configure_mlx() -> None:
         os.environ.setdefault(name, value)
 
 
+def resolve_device(requested: str) -> str:
+    """The device VLLM_MLX_DEVICE's ``requested`` ('auto', 'gpu' or 'cpu') runs on: 'gpu' where
+    MLX has one and the CPU was not asked for, else 'cpu'."""
+    return "gpu" if requested != "cpu" and gpu_backend() is not None else "cpu"
+
+
 def select_device(requested: str) -> mx.Device:
-    """Make ``requested`` ('gpu' or 'cpu') MLX's default device; fall back to CPU with a warning."""
+    """Make ``requested`` (VLLM_MLX_DEVICE) MLX's default device; an explicit ``gpu`` on a machine
+    without one falls back to the CPU with a warning."""
     configure_mlx()
     return _select_device(requested)
 
 
 @functools.cache
 def _select_device(requested: str) -> mx.Device:
-    if requested == "gpu" and gpu_backend() is None:
+    device = resolve_device(requested)
+    if requested == "gpu" and device == "cpu":
         logger.warning(
             "VLLM_MLX_DEVICE=gpu but MLX has no Metal or CUDA device here; running on MLX's CPU "
-            "backend (slow). On Linux+NVIDIA install mlx[cuda13]; set VLLM_MLX_DEVICE=cpu to "
-            "silence this warning."
+            "backend (slow). On Linux+NVIDIA install mlx[cuda13]; unset VLLM_MLX_DEVICE (auto) or "
+            "set it to cpu to silence this warning."
         )
-        requested = "cpu"
-    device = mx.gpu if requested == "gpu" else mx.cpu
-    mx.set_default_device(device)
-    return device
+    mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
+    return mx.default_device()
 
 
 def on_gpu() -> bool:

@@ -144,9 +144,10 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("VLLM_METAL_USE_MLX", "1", _bool,
            "Use MLX for compute. `0` is refused: MLX is the plugin's only compute path "
            "(use vLLM's own CPU backend with `VLLM_PLUGINS=` instead)."),
-    EnvVar("VLLM_MLX_DEVICE", "gpu", _choice("gpu", "cpu"),
-           "MLX device: `gpu` (Metal on Apple Silicon, CUDA with `mlx[cuda13]`; falls back to "
-           "the CPU with a warning when MLX has no GPU) or `cpu`."),
+    EnvVar("VLLM_MLX_DEVICE", "auto", _choice("auto", "gpu", "cpu"),
+           "MLX device: `auto` (the GPU where MLX has one, else the CPU), `gpu` (Metal on Apple "
+           "Silicon, CUDA with `mlx[cuda13]`; falls back to the CPU with a warning when MLX has no "
+           "GPU) or `cpu`. On the CPU, `--dtype auto` computes in float32 (see Defaults)."),
     EnvVar("VLLM_METAL_CPU_BLAS", "auto", _cpu_blas,
            "BLAS behind MLX's CPU matmuls on Linux. MLX's Linux wheel links netlib's reference "
            "BLAS (one thread, a batch of N rows costs N single rows); `auto` loads an optimized "

@@ -17,7 +17,7 @@ from vllm.logger import init_logger
 from vllm.platforms.interface import Platform, PlatformEnum
 
 from vllm_metal import envs, patches, preflight
-from vllm_metal.device import describe_device, device_memory_bytes, select_device
+from vllm_metal.device import describe_device, device_memory_bytes, resolve_device, select_device
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -38,10 +38,20 @@ class MetalPlatform(Platform):
 
     @classmethod
     def log_warnings(cls) -> None:
-        logger.info("vllm-metal: MLX platform active on %s (pid %d)", describe_device(), os.getpid())
+        logger.info("vllm-metal: MLX platform active on %s (VLLM_MLX_DEVICE=%s, pid %d)",
+                    describe_device(), _requested_device(), os.getpid())
 
     @property
     def supported_dtypes(self) -> list[torch.dtype]:
+        """What ``--dtype auto`` may pick, preferred first (vLLM keeps an explicit ``--dtype``).
+
+        MLX's CPU backend has no fast half-precision kernels (bf16/fp16 matmuls run several
+        times slower than fp32, quantized ones 10-50x), so there ``auto`` means float32 for
+        every checkpoint; on a GPU a half-precision checkpoint keeps its dtype and a float32
+        one is downcast to bfloat16, as vLLM does on CUDA.
+        """
+        if resolve_device(_requested_device()) == "cpu":
+            return [torch.float32]
         return [torch.bfloat16, torch.float16, torch.float32]
 
     @classmethod
@@ -149,6 +159,7 @@ class MetalPlatform(Platform):
         # inherit this.
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
         _float32_means_float32(model_config)
+        _say_cpu_dtype(model_config)
         if parallel.worker_cls == "auto":
             parallel.worker_cls = WORKER_CLS
         if parallel.distributed_executor_backend is None:
@@ -185,5 +196,24 @@ def _float32_means_float32(model_config) -> None:
     if model_config is None or model_config.dtype != torch.float32 or "MLX_ENABLE_TF32" in os.environ:
         return
     os.environ["MLX_ENABLE_TF32"] = "0"
-    logger.info("vllm-metal: --dtype float32 keeps float32 matmuls exact (MLX_ENABLE_TF32=0); "
+    logger.info("vllm-metal: float32 matmuls stay exact (MLX_ENABLE_TF32=0); "
                 "set MLX_ENABLE_TF32=1 to allow TF32 where the GPU has it")
+
+
+def _say_cpu_dtype(model_config) -> None:
+    """Say once, where MLX computes on the CPU, that a half-precision checkpoint runs in float32
+    (``supported_dtypes``: what ``--dtype auto`` picks there)."""
+    if model_config is None or resolve_device(_requested_device()) != "cpu":
+        return
+    stored = getattr(model_config.hf_config, "dtype", None) or getattr(model_config.hf_config, "torch_dtype", None)
+    if model_config.dtype == torch.float32 and stored in (torch.bfloat16, torch.float16, "bfloat16", "float16"):
+        logger.info("vllm-metal: computing in float32 on MLX's CPU backend (the checkpoint stores %s, "
+                    "which has no fast kernels there); --dtype overrides", str(stored).removeprefix("torch."))
+
+
+def _requested_device() -> str:
+    """VLLM_MLX_DEVICE, or ``auto`` while it is invalid (check_and_update_config refuses it)."""
+    try:
+        return envs.load().mlx_device
+    except envs.MetalConfigError:
+        return "auto"
