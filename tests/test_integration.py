@@ -1,4 +1,4 @@
-"""How others launch and inspect the plugin: Docker Model Runner's exact command line, the
+"""How people launch and inspect the plugin: the quick start, Docker Model Runner's exact command line, the
 `doctor` report, the package version, and ModelScope ids resolved from a local cache."""
 
 from __future__ import annotations
@@ -6,25 +6,58 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
+import jsonschema
 import pytest
-from conftest import LOG_DIR, ServerProcess, free_port
+from conftest import LOG_DIR, ServerProcess, free_port, vllm_serve_command
 
 import vllm_metal
 
+# A forced call to one tool; SmolLM2's chat template does not render tools, so the system prompt
+# shows the call format.
+CITY = {"type": "object", "properties": {"city": {"type": "string", "minLength": 1, "maxLength": 12}},
+        "required": ["city"], "additionalProperties": False}
+TOOL_SYSTEM = ('You can call get_weather(city). Call it like this:\n<tool_call>\n'
+               '{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>')
 
-def test_docker_model_runner_launch_line(models):
-    """DMR verifies an install by importing vllm_metal, then runs exactly this line over TCP."""
+
+def _forced_weather_calls(base: str, model: str, strict: bool | None, n: int = 4) -> list[dict]:
+    """The arguments of ``n`` sampled calls forced to get_weather (one per seed)."""
+    function = {"name": "get_weather", "description": "Current weather in a city", "parameters": CITY}
+    if strict is not None:
+        function["strict"] = strict
+    out = []
+    for seed in range(n):
+        r = httpx.post(f"{base}/v1/chat/completions", timeout=300, json={
+            "model": model, "max_tokens": 40, "temperature": 1.0, "seed": seed,
+            "tools": [{"type": "function", "function": function}],
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+            "messages": [{"role": "system", "content": TOOL_SYSTEM},
+                         {"role": "user", "content": "What is the weather in Paris?"}]})
+        assert r.status_code == 200, r.text
+        (call,) = r.json()["choices"][0]["message"]["tool_calls"]
+        assert call["function"]["name"] == "get_weather"
+        out.append(json.loads(call["function"]["arguments"]))
+    return out
+
+
+def test_docker_model_runner_launch_line(models, monkeypatch):
+    """DMR verifies an install by importing vllm_metal, then runs exactly this line over TCP (on
+    the device VLLM_MLX_DEVICE's default picks)."""
     subprocess.run([sys.executable, "-c", "import vllm_metal"], check=True)
+    monkeypatch.delenv("VLLM_MLX_DEVICE", raising=False)
     port = free_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(models.mlx),
            "--served-model-name", "ai/smollm2", "--enable-auto-tool-choice",
            "--tool-call-parser", "hermes", "--max-model-len", "1024", "--port", str(port)]
-    srv = ServerProcess(cmd, port, LOG_DIR / f"dmr-{port}.log", env={"VLLM_MLX_DEVICE": "cpu"})
+    srv = ServerProcess(cmd, port, LOG_DIR / f"dmr-{port}.log")
     try:
         srv.start(timeout=300)
         listed = httpx.get(f"{srv.base}/v1/models", timeout=10).json()
@@ -37,8 +70,50 @@ def test_docker_model_runner_launch_line(models):
             "messages": [{"role": "user", "content": "What is the capital of France?"}]})
         assert r.status_code == 200
         assert "Paris" in r.json()["choices"][0]["message"]["content"]
+        # vLLM's default --tool-strict-level auto: a tool declared strict gets schema-valid arguments.
+        for args in _forced_weather_calls(srv.base, "ai/smollm2", strict=True):
+            jsonschema.validate(args, CITY)
     finally:
         srv.stop()
+
+
+# What scripts/quickstart.sh serves, after the model path.
+QUICK_START_ARGS = ["--served-model-name", "smollm2", "--max-model-len", "2048", "--enable-auto-tool-choice",
+                    "--tool-call-parser", "hermes", "--tool-strict-level", "parameter"]
+# vLLM warns where the machine's hard limit on open files is below 65536 (the machine's setting).
+MACHINE_WARNINGS = ("Found ulimit of",)
+
+
+def test_quick_start_serves_with_a_clean_log_and_stops_cleanly(models, monkeypatch):
+    """The quick start's server, with the defaults a new user gets: it logs no warning or error,
+    says once per process which device MLX runs on, holds every forced tool call to the tool's
+    schema, and a Ctrl-C stop exits 0 with no leak report."""
+    quickstart = (Path(__file__).parents[1] / "scripts" / "quickstart.sh").read_text()
+    assert " ".join(QUICK_START_ARGS[4:]) in quickstart
+    monkeypatch.delenv("VLLM_MLX_DEVICE", raising=False)
+    port = free_port()
+    srv = ServerProcess(vllm_serve_command(models.mlx, port, QUICK_START_ARGS), port,
+                        LOG_DIR / f"quickstart-{port}.log")
+    try:
+        srv.start(timeout=300)
+        r = httpx.post(f"{srv.base}/v1/chat/completions", timeout=120, json={
+            "model": "smollm2", "max_tokens": 16, "temperature": 0,
+            "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+        assert "Paris" in r.json()["choices"][0]["message"]["content"]
+        # A tool without `strict`: --tool-strict-level parameter holds its arguments to the schema.
+        for args in _forced_weather_calls(srv.base, "smollm2", strict=None):
+            jsonschema.validate(args, CITY)
+        os.killpg(srv.proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
+        assert srv.proc.wait(timeout=120) == 0
+    finally:
+        srv.stop()
+    log = srv.log_path.read_text(errors="replace")
+    flagged = [line for line in log.splitlines()
+               if re.search(r"\b(WARNING|ERROR|CRITICAL)\b|Traceback|nanobind|leaked|resource_tracker", line)
+               and not any(m in line for m in MACHINE_WARNINGS)]
+    assert not flagged, "\n".join(flagged)
+    device_lines = re.findall(r"MLX platform active on .*\(VLLM_MLX_DEVICE=auto, pid \d+\)", log)
+    assert 1 <= len(device_lines) == len(set(device_lines)), device_lines
 
 
 def test_version_matches_distribution():

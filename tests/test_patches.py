@@ -100,6 +100,38 @@ def test_vllm_maps_modelscope_ids_to_local_files_only_when_offline():
     assert source.index("get_model_path(self.model") > offline
 
 
+def test_vllm_api_server_leaves_its_heap_frozen():
+    """patches.vllm.collect_frozen_heap_at_exit: the lifespan freezes the heap, nothing unfreezes it."""
+    from vllm.entrypoints.launchers.utils import server_utils
+
+    source = inspect.getsource(server_utils)
+    assert "freeze_gc_heap()" in source and "unfreeze" not in source
+
+
+@pytest.mark.parametrize(("logger_name", "prefix"), patches.vllm.QUIETED_RECORDS)
+def test_vllm_still_logs_the_quieted_lines(logger_name, prefix):
+    """patches.vllm.quiet_platform_choices: each quieted line is still in the module that logs it."""
+    import importlib
+
+    assert prefix in inspect.getsource(importlib.import_module(logger_name))
+
+
+def test_vllm_kills_the_engine_at_once_on_this_platform():
+    """patches.vllm.engine_teardown_grace: with --shutdown-timeout 0 only ROCm gets a window."""
+    import vllm.v1.engine.utils as engine_utils
+
+    upstream = inspect.unwrap(engine_utils.get_engine_process_shutdown_timeout)
+    assert upstream(0, 0) == 0
+
+
+def test_vllm_stops_the_engine_client_before_the_output_handler():
+    """patches.vllm.quiet_deliberate_engine_stop"""
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    source = inspect.getsource(inspect.unwrap(AsyncLLM.shutdown))
+    assert source.index("engine_core.shutdown(") < source.index("cancel_task_threadsafe(handler)")
+
+
 # --- torch, MLX's wheel -------------------------------------------------------------------
 
 

@@ -31,5 +31,6 @@ def register() -> str | None:
     except Exception as exc:  # noqa: BLE001 - a broken MLX install must not break vLLM
         logger.debug("vllm-metal not activated: mlx.core does not import (%s)", exc)
         return None
+    patches.at_activate()
     envs.register_with_vllm()
     return "vllm_metal.platform.MetalPlatform"

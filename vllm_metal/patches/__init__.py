@@ -7,17 +7,21 @@ canary per patch that fails once upstream behaves, so the patch can go. Every in
 idempotent, and every replaced function keeps the upstream one as ``__wrapped__``
 (``inspect.unwrap`` reaches it).
 
-Patches are installed in four phases, each from the one place vLLM gives us a hook:
+Patches are installed in five phases, each from the one place vLLM gives us a hook:
 
 =================  =============================================  ==================================
 phase              called from                                    installs
 =================  =============================================  ==================================
 ``at_register``    ``vllm_metal.register`` (every vLLM process,   CPU BLAS behind MLX, the ``vllm``
                    before MLX is imported)                        distribution's version
+``at_activate``    ``vllm_metal.register`` once MLX imports       quiet vLLM log lines about the
+                   (the platform is active in this process)       platform's own choices
 ``model_names``    ``MetalPlatform.pre_register_and_update``      GGUF files and ModelScope ids as
                    and the ``vllm.general_plugins`` entry point   local model directories
-``in_platform``    ``MetalPlatform.check_and_update_config``      torch.accelerator no-ops, the API
-                                                                  server's key and field checks
+``in_platform``    ``MetalPlatform.check_and_update_config``      torch.accelerator no-ops; the API
+                                                                  server's key and field checks,
+                                                                  heap collected at exit, a quiet
+                                                                  engine stop
 ``at_model_load``  ``mlx_lm_models.prepare_mlx_lm``               mlx-lm's loading fixes
 =================  =============================================  ==================================
 
@@ -36,6 +40,12 @@ def at_register(cpu_blas: str | None) -> None:
     vllm.answer_vllm_version()
     if cpu_blas is not None:
         mlx.load_cpu_blas(cpu_blas)
+
+
+def at_activate() -> None:
+    """Patches of a process where this platform is active (MLX imported), before vLLM builds
+    its config."""
+    vllm.quiet_platform_choices()
 
 
 def model_names(use_modelscope: bool, modelscope_cache: str | None) -> None:
@@ -58,6 +68,9 @@ def in_platform() -> None:
     torch.accelerator_without_device()
     vllm.guard_all_routes()
     vllm.refuse_unknown_fields()
+    vllm.collect_frozen_heap_at_exit()
+    vllm.engine_teardown_grace()
+    vllm.quiet_deliberate_engine_stop()
 
 
 def at_model_load() -> None:

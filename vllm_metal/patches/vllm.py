@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
+import gc
 import importlib.metadata
+import logging
 import sys
 from collections.abc import Callable
 
@@ -91,6 +94,144 @@ def guard_all_routes() -> None:
         return __call__
 
     _replace(AuthenticationMiddleware, "__call__", wrap)
+
+
+# (vLLM logger, start of the message) of log lines that describe the platform's own choices as
+# a user's mistake; see ``quiet_platform_choices``.
+QUIETED_RECORDS: tuple[tuple[str, str], ...] = (
+    ("vllm.config.model", "Your device %s doesn't support %s. Falling back"),
+    ("vllm.config.vllm", "Inductor compilation was disabled by user settings"),
+    ("vllm.config.scheduler", "Using custom scheduler class"),
+    ("vllm.v1.engine.utils", "[shutdown] EngineCore process manager: using %ss ROCm"),
+)
+
+
+class _DropRecords(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def quiet_platform_choices() -> None:
+    """Drop vLLM log lines (``QUIETED_RECORDS``) that present a choice this platform makes on
+    purpose as a user setting or a risk, so a correct start logs no warning.
+
+    - "Your device 'MLX cpu' doesn't support torch.bfloat16. Falling back to torch.float32": on
+      MLX's CPU backend ``--dtype auto`` is float32 by design (``MetalPlatform.supported_dtypes``),
+      and the platform says so itself at info level.
+    - "Inductor compilation was disabled by user settings": the forward is MLX, so the platform
+      turns torch.compile off (``check_and_update_config``); the user set nothing.
+    - "Using custom scheduler class ... degraded performance": the platform's schedulers subclass
+      vLLM's (``MetalAsyncScheduler`` under async scheduling), which the warning says is fine.
+    - "... using Ns ROCm cleanup grace": ``engine_teardown_grace`` gives this platform the
+      window vLLM gives ROCm, and the line would name the wrong platform.
+
+    Installed where the platform is active, before vLLM builds its config.
+
+    Delete when: vLLM asks the platform whether it compiles (or stays quiet when the platform
+    turned compilation off) and stops warning about schedulers that subclass its own.
+    """
+    for name, prefix in QUIETED_RECORDS:
+        target = logging.getLogger(name)
+        if not any(isinstance(f, _DropRecords) and f.prefix == prefix for f in target.filters):
+            target.addFilter(_DropRecords(prefix))
+
+
+ENGINE_TEARDOWN_GRACE_S = 10.0
+
+
+def engine_teardown_grace() -> None:
+    """Let the engine process exit by itself on a server stop before it is killed.
+
+    With vLLM 0.32's default ``--shutdown-timeout 0`` the API server sends SIGTERM to the engine
+    process and SIGKILLs it at once (only ROCm gets a grace window), so every Ctrl-C logs
+    "force killing remaining process EngineCore" and an ``EngineDeadError`` traceback from the
+    output handler. The engine aborts its requests and exits within a few seconds on SIGTERM;
+    we give it ``ENGINE_TEARDOWN_GRACE_S`` (still killed after that). Requests are aborted at
+    once as before: only the process gets the window.
+
+    Delete when: vLLM gives every platform a teardown window (``get_engine_process_shutdown_timeout``
+    in vllm/v1/engine/utils.py).
+    """
+    import vllm.v1.engine.utils as engine_utils
+
+    def wrap(original):
+        def get_engine_process_shutdown_timeout(request_timeout, process_timeout):
+            if request_timeout == 0 and process_timeout == 0:
+                return ENGINE_TEARDOWN_GRACE_S
+            return original(request_timeout, process_timeout)
+
+        return get_engine_process_shutdown_timeout
+
+    _replace(engine_utils, "get_engine_process_shutdown_timeout", wrap)
+
+
+class _StoppedOnPurpose(logging.Filter):
+    """Drops "AsyncLLM output_handler failed." once the engine client's shutdown has begun."""
+
+    stopping = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (type(self).stopping and str(record.msg).startswith("AsyncLLM output_handler failed"))
+
+
+def quiet_deliberate_engine_stop() -> None:
+    """Keep a requested server stop from logging an engine failure.
+
+    On a stop, vLLM 0.32's ``AsyncLLM.shutdown`` shuts the engine client down first, which
+    cancels the task reading the engine's outputs; that task hands ``EngineDeadError`` to the
+    output handler, which logs "AsyncLLM output_handler failed." with a traceback at ERROR level
+    before ``shutdown`` cancels it in turn. We mark the shutdown as begun and drop that one record
+    from then on; requests still in flight get the error as before, and an engine that dies
+    while the server runs is still logged.
+
+    Delete when: ``AsyncLLM.shutdown`` stops the output handler before the engine client, or the
+    handler treats cancellation as a normal exit (vllm/v1/engine/async_llm.py). Installed in API
+    server processes only (those that imported FastAPI).
+    """
+    if "fastapi" not in sys.modules:
+        return
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    def wrap(original):
+        def shutdown(self, timeout=None):
+            _StoppedOnPurpose.stopping = True
+            return original(self, timeout)
+
+        return shutdown
+
+    _replace(AsyncLLM, "shutdown", wrap)
+    target = logging.getLogger("vllm.v1.engine.async_llm")
+    if not any(isinstance(f, _StoppedOnPurpose) for f in target.filters):
+        target.addFilter(_StoppedOnPurpose())
+
+
+def collect_frozen_heap_at_exit() -> None:
+    """Unfreeze and collect the garbage collector's heap when an API server process exits.
+
+    vLLM 0.32's API server freezes the whole startup heap (``freeze_gc_heap`` in its FastAPI
+    lifespan) and never unfreezes it, so reference cycles from startup are still alive at
+    interpreter exit. Some of them reach Triton's nanobind module (torch imports Triton), and
+    nanobind then prints "nanobind: leaked N instances ... likely caused by a reference counting
+    issue" after every server stop. An ``atexit`` hook runs before interpreter finalization, so
+    collecting there frees them and the stop stays quiet. Installed in API server processes only
+    (those that imported FastAPI).
+
+    Delete when: vLLM unfreezes the heap on shutdown (``lifespan`` in
+    vllm/entrypoints/launchers/utils/server_utils.py).
+    """
+    if "fastapi" not in sys.modules:
+        return
+    atexit.unregister(_collect_at_exit)  # idempotent: at most one registration
+    atexit.register(_collect_at_exit)
+
+
+def _collect_at_exit() -> None:
+    gc.unfreeze()
+    gc.collect()
 
 
 def refuse_unknown_fields() -> None:
