@@ -2,7 +2,7 @@
 and 128, load packed and generate exactly mlx-lm's own greedy tokens on the same checkpoint.
 
 MLX's quantized matmul runs every (bits, group) the same way, so the six combinations (fp32) and
-the usual mlx-community form (bf16 scales, default ``--dtype``) are checked in-process on a tiny
+the usual mlx-community form (bf16 scales, served in bf16) are checked in-process on a tiny
 random llama (dims divisible by 128) through the runner's public contract (SchedulerOutput in,
 sampled tokens out). One live ``vllm serve`` covers real weights at 8 bits, group 32
 (``test_parity`` serves the 4-bit group-64 checkpoint). Real weights in bf16 are left to the
@@ -105,15 +105,38 @@ def test_runner_matches_mlx_lm(converted, models, bits, group):
         assert tokens == mlx_greedy(path, p, 8)
 
 
-def test_bf16_checkpoint_at_default_dtype_matches_mlx_lm(tmp_path, tiny_hf, models):
-    """mlx-community's form: non-quantized weights and scales in bf16. With ``--dtype auto`` vLLM
-    resolves bf16 (config.json still says float32, which vLLM downcasts to the platform's first
-    choice), so the plugin keeps the checkpoint's scales as they are and runs mlx-lm's arithmetic."""
+def test_packed_quantized_layers_give_each_row_its_own_product():
+    """``fold_quantized_rows`` (the packed step's quantized matmuls take its (T, 1, K) rows as one
+    matrix): each row's output is that row's own product, shapes and parameters are unchanged."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from vllm_metal.mlx_lm_models import fold_quantized_rows
+
+    model = nn.Module()
+    model.proj = nn.Linear(256, 384, bias=True)
+    model.embed = nn.Embedding(512, 256)
+    nn.quantize(model, group_size=64, bits=4)
+    before = dict(tree_flatten(model.parameters()))
+    assert fold_quantized_rows(model) == 2
+    assert dict(tree_flatten(model.parameters())).keys() == before.keys()
+    x = mx.random.normal((9, 1, 256), key=mx.random.key(0))
+    for product in (model.proj, model.embed.as_linear):
+        packed = product(x)
+        rows = mx.concatenate([product(x[i:i + 1]) for i in range(x.shape[0])])
+        assert packed.shape == rows.shape == (9, 1, product(x[:1]).shape[-1])
+        assert mx.allclose(packed, rows, rtol=1e-5, atol=1e-5).item()
+
+
+def test_bf16_checkpoint_at_bf16_matches_mlx_lm(tmp_path, tiny_hf, models):
+    """mlx-community's form: non-quantized weights and scales in bf16, served in bf16 (what
+    ``--dtype auto`` picks on a GPU; on MLX's CPU backend auto is float32, so it is given here):
+    the plugin keeps the checkpoint's scales as they are and runs mlx-lm's arithmetic."""
     from mlx_lm import convert
 
     path = tmp_path / "q4-g64-bf16"
     convert(str(tiny_hf), str(path), quantize=True, q_bits=4, q_group_size=64, dtype="bfloat16")
-    worker = _worker(path, dtype="auto")
+    worker = _worker(path, dtype="bfloat16")
     try:
         assert worker.model_runner.loaded.dtype == mx.bfloat16
         prompts = [p for p in prompt_ids(models.hf) if len(p) < 64][:2]
