@@ -132,6 +132,15 @@ def test_vllm_stops_the_engine_client_before_the_output_handler():
     assert source.index("engine_core.shutdown(") < source.index("cancel_task_threadsafe(handler)")
 
 
+def test_vllm_names_the_kv_cache_device_after_torch_device_type():
+    """patches.vllm.label_kv_cache_device"""
+    import vllm.v1.core.kv_cache_utils as kv_cache_utils
+    from vllm.v1.metrics.loggers import LoggingStatLogger
+
+    for fn in (kv_cache_utils._kv_cache_device_name, LoggingStatLogger.__init__):
+        assert "device_config.device_type" in inspect.getsource(inspect.unwrap(fn))
+
+
 # --- torch, MLX's wheel -------------------------------------------------------------------
 
 

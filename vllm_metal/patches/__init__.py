@@ -21,8 +21,10 @@ phase              called from                                    installs
 ``in_platform``    ``MetalPlatform.check_and_update_config``      torch.accelerator no-ops; the API
                                                                   server's key and field checks,
                                                                   heap collected at exit, a quiet
-                                                                  engine stop
-``at_model_load``  ``mlx_lm_models.prepare_mlx_lm``               mlx-lm's loading fixes
+                                                                  engine stop, the KV cache's
+                                                                  device label
+``at_model_load``  ``mlx_lm_models.prepare_mlx_lm``               mlx-lm's loading fixes; the KV
+                                                                  cache's device label
 =================  =============================================  ==================================
 
 Two more are not installed but called: ``vllm.import_cpu_kernels`` (``MetalPlatform.import_kernels``)
@@ -71,9 +73,11 @@ def in_platform() -> None:
     vllm.collect_frozen_heap_at_exit()
     vllm.engine_teardown_grace()
     vllm.quiet_deliberate_engine_stop()
+    vllm.label_kv_cache_device()  # the stats line
 
 
 def at_model_load() -> None:
-    """mlx-lm fixes, installed before mlx-lm builds a model."""
+    """Patches of the process that builds the model (vLLM's engine process), before mlx-lm builds it."""
     mlx_lm.gpt_oss_dense_experts()
     mlx_lm.yarn_truncate_flag()
+    vllm.label_kv_cache_device()  # the KV cache size line

@@ -209,6 +209,46 @@ def quiet_deliberate_engine_stop() -> None:
         target.addFilter(_StoppedOnPurpose())
 
 
+def label_kv_cache_device() -> None:
+    """Call the KV cache the GPU's where MLX computes on a GPU, in vLLM's "KV cache size" line
+    (engine process) and its periodic "KV cache usage" stats line (API server process).
+
+    vLLM 0.32 takes the word from ``device_config.device_type``, which is ``cpu`` for this
+    platform on every backend (vLLM's own tensors, the input batch and the sampler, live in host
+    memory), so on Metal and CUDA it printed "CPU KV cache" for a cache in GPU memory. On MLX's
+    CPU backend the word stays "CPU", which is right there.
+
+    Delete when: vLLM asks the platform for the KV cache's device name (``_kv_cache_device_name``
+    in vllm/v1/core/kv_cache_utils.py, ``LoggingStatLogger.__init__`` in vllm/v1/metrics/loggers.py).
+    """
+    import vllm.v1.core.kv_cache_utils as kv_cache_utils
+    from vllm.v1.metrics.loggers import LoggingStatLogger
+
+    def wrap_name(original):
+        def _kv_cache_device_name(vllm_config):
+            return "GPU" if _mlx_on_gpu() else original(vllm_config)
+
+        return _kv_cache_device_name
+
+    def wrap_init(original):
+        def __init__(self, vllm_config, engine_index: int = 0):
+            original(self, vllm_config, engine_index)
+            if _mlx_on_gpu():
+                self.kv_cache_device = "GPU"
+
+        return __init__
+
+    _replace(kv_cache_utils, "_kv_cache_device_name", wrap_name)
+    _replace(LoggingStatLogger, "__init__", wrap_init)
+
+
+def _mlx_on_gpu() -> bool:
+    from vllm_metal import envs
+    from vllm_metal.device import resolve_device
+
+    return resolve_device(envs.load().mlx_device) == "gpu"
+
+
 def collect_frozen_heap_at_exit() -> None:
     """Unfreeze and collect the garbage collector's heap when an API server process exits.
 
