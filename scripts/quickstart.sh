@@ -17,10 +17,9 @@ venv=$("$root/scripts/bootstrap.sh")
 export PATH="$venv/bin:$PATH" HF_HUB_OFFLINE=1
 model=$(cd "$root" && python -m fixtures.bundled_model --print mlx)
 echo "[quickstart] serving $model on http://127.0.0.1:$port"
-# Tool calling as coding agents use it; `parameter` holds every forced call's arguments to the
-# tool's schema (vLLM's default `auto` does so only for tools declared `strict`).
+# Tool calling as coding agents use it (forced calls held to the tool's schema: see README).
 vllm serve "$model" --served-model-name smollm2 --host 127.0.0.1 --port "$port" \
-  --max-model-len 2048 --enable-auto-tool-choice --tool-call-parser hermes --tool-strict-level parameter &
+  --max-model-len 2048 --enable-auto-tool-choice --tool-call-parser hermes &
 server=$!
 trap 'kill $server 2>/dev/null; wait $server 2>/dev/null' EXIT
 for _ in $(seq 1 300); do

@@ -134,10 +134,11 @@ def serve_expecting_failure(model: Path | str, args: list[str], env: dict[str, s
 
 
 # The main fp32 server: default uni executor, prefix caching on (vLLM's default), tool calling
-# as Docker Model Runner and coding agents turn it on.
+# as Docker Model Runner and coding agents turn it on, at vLLM's own --tool-strict-level (auto;
+# the plugin's default is parameter): test_structured declares its tools strict.
 MAIN_ARGS = ["--dtype", "float32", "--max-model-len", "1024", "--max-num-seqs", "16",
              "--kv-cache-memory-bytes", str(256 * 2**20), "--seed", "0",
-             "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+             "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--tool-strict-level", "auto"]
 
 
 @pytest.fixture(scope="session")

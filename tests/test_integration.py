@@ -70,16 +70,31 @@ def test_docker_model_runner_launch_line(models, monkeypatch):
             "messages": [{"role": "user", "content": "What is the capital of France?"}]})
         assert r.status_code == 200
         assert "Paris" in r.json()["choices"][0]["message"]["content"]
-        # vLLM's default --tool-strict-level auto: a tool declared strict gets schema-valid arguments.
         for args in _forced_weather_calls(srv.base, "ai/smollm2", strict=True):
             jsonschema.validate(args, CITY)
     finally:
         srv.stop()
 
 
+def _forced_weather_uses(base: str, model: str, n: int = 4) -> list[dict]:
+    """The inputs of ``n`` Anthropic /v1/messages calls forced to a get_weather tool without ``strict``."""
+    out = []
+    for _ in range(n):
+        r = httpx.post(f"{base}/v1/messages", timeout=300, json={
+            "model": model, "max_tokens": 40, "temperature": 1.0, "system": TOOL_SYSTEM,
+            "tools": [{"name": "get_weather", "description": "Current weather in a city", "input_schema": CITY}],
+            "tool_choice": {"type": "tool", "name": "get_weather"},
+            "messages": [{"role": "user", "content": "What is the weather in Paris?"}]})
+        assert r.status_code == 200, r.text  # the model's own output is never a client error
+        (use,) = [b for b in r.json()["content"] if b["type"] == "tool_use"]
+        assert use["name"] == "get_weather"
+        out.append(use["input"])
+    return out
+
+
 # What scripts/quickstart.sh serves, after the model path.
 QUICK_START_ARGS = ["--served-model-name", "smollm2", "--max-model-len", "2048", "--enable-auto-tool-choice",
-                    "--tool-call-parser", "hermes", "--tool-strict-level", "parameter"]
+                    "--tool-call-parser", "hermes"]
 # vLLM warns where the machine's hard limit on open files is below 65536 (the machine's setting).
 MACHINE_WARNINGS = ("Found ulimit of",)
 
@@ -87,7 +102,7 @@ MACHINE_WARNINGS = ("Found ulimit of",)
 def test_quick_start_serves_with_a_clean_log_and_stops_cleanly(models, monkeypatch):
     """The quick start's server, with the defaults a new user gets: it logs no warning or error,
     says once per process which device MLX runs on, holds every forced tool call to the tool's
-    schema, and a Ctrl-C stop exits 0 with no leak report."""
+    schema (OpenAI and Anthropic routes), and a Ctrl-C stop exits 0 with no leak report."""
     quickstart = (Path(__file__).parents[1] / "scripts" / "quickstart.sh").read_text()
     assert " ".join(QUICK_START_ARGS[4:]) in quickstart
     monkeypatch.delenv("VLLM_MLX_DEVICE", raising=False)
@@ -100,8 +115,9 @@ def test_quick_start_serves_with_a_clean_log_and_stops_cleanly(models, monkeypat
             "model": "smollm2", "max_tokens": 16, "temperature": 0,
             "messages": [{"role": "user", "content": "What is the capital of France?"}]})
         assert "Paris" in r.json()["choices"][0]["message"]["content"]
-        # A tool without `strict`: --tool-strict-level parameter holds its arguments to the schema.
-        for args in _forced_weather_calls(srv.base, "smollm2", strict=None):
+        # Tools without `strict`: the plugin's default --tool-strict-level (parameter) holds forced
+        # calls' arguments to the schema on both routes.
+        for args in _forced_weather_calls(srv.base, "smollm2", strict=None) + _forced_weather_uses(srv.base, "smollm2"):
             jsonschema.validate(args, CITY)
         os.killpg(srv.proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
         assert srv.proc.wait(timeout=120) == 0
@@ -128,10 +144,20 @@ def test_doctor_reports_and_smoke_generates():
     assert info["vllm_platform"] == "MetalPlatform"
     assert info["versions"]["mlx"] == importlib.metadata.version("mlx")
     assert info["config"]["block_size"] == 16 and info["mlx"]["device"] in ("cpu", "gpu (metal)", "gpu (cuda)")
+    # The device it reports is the one VLLM_MLX_DEVICE gives the server, and an unset
+    # VLLM_METAL_PREFIX_CACHE is not reported as prefix caching off.
+    from vllm_metal.device import resolve_device
+
+    assert info["mlx"]["device"].split()[0] == resolve_device(info["config"]["mlx_device"])
+    if "VLLM_METAL_PREFIX_CACHE" not in os.environ:
+        assert info["config"]["prefix_cache"] is not False and "vLLM" in info["config"]["prefix_cache"]
     smoke = subprocess.run([sys.executable, "-m", "vllm_metal", "doctor", "--smoke"],
                            capture_output=True, text=True, timeout=300)
     assert smoke.returncode == 0, smoke.stdout[-2000:] + smoke.stderr[-2000:]
     assert "(equal to mlx-lm) -- OK" in smoke.stdout
+    noise = [line for line in (smoke.stdout + smoke.stderr).splitlines()
+             if re.search(r"\b(WARNING|ERROR)\b|Traceback", line)]
+    assert not noise, "\n".join(noise)
 
 
 def test_doctor_flags_bad_config():

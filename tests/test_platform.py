@@ -173,6 +173,10 @@ def test_vllm_serve_exits_with_clear_message_on_refused_config(models):
     )
     assert out.returncode != 0
     assert "--tensor-parallel-size must be 1" in out.stdout + out.stderr
+    # The reason is the last line, not the bottom of pydantic's traceback.
+    assert out.stderr.strip().splitlines()[-1] == (
+        "ERROR: vllm-metal cannot run this configuration: --tensor-parallel-size must be 1.")
+    assert "Traceback" not in out.stderr
 
 
 def test_rope_parameters_are_lifted_for_mlx_lm():

@@ -7,9 +7,10 @@ regex, grammar) on both endpoints, forced tool calls through the openai and anth
 The model is a 135M one on a slow CPU, so every output is checked against its constraint, never
 for being sensible, and the prompts are few-shot with compact JSON to keep generations short.
 
-Tools are declared ``strict``: with the hermes parser and vLLM 0.32's default
-``--tool-strict-level auto`` only the call envelope (tag and tool name) is constrained for a
-non-strict tool; its arguments are free text (vLLM behaviour, not the plugin's).
+The main server runs at vLLM's own ``--tool-strict-level auto`` (the plugin defaults to
+``parameter``), where only the call envelope (tag and tool name) is constrained for a non-strict
+tool, so the tools here are declared ``strict``; tests/test_integration.py covers non-strict tools
+at the plugin's default.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ def report() -> dict:
     import psutil
 
     from vllm_metal import __version__, envs
-    from vllm_metal.device import describe_device, device_memory_bytes, gpu_backend
+    from vllm_metal.device import describe_device, device_memory_bytes, gpu_backend, select_device
 
     out: dict = {"vllm-metal": __version__}
     out["versions"] = {d: _version(d) for d in
@@ -36,10 +36,11 @@ def report() -> dict:
     out["python"] = sys.version.split()[0]
     try:
         cfg = envs.load()
-        out["config"] = {k: v for k, v in vars(cfg).items()}
     except envs.MetalConfigError as exc:
         out["config_error"] = str(exc)
-        cfg = None
+    else:
+        out["config"] = _effective(cfg)
+        select_device(cfg.mlx_device)  # as the server does: the device reported below is the one it uses
     from vllm.platforms import current_platform
 
     out["vllm_platform"] = type(current_platform).__name__
@@ -52,6 +53,15 @@ def report() -> dict:
     }
     vm = psutil.virtual_memory()
     out["system_memory_gib"] = {"total": round(vm.total / 2**30, 2), "available": round(vm.available / 2**30, 2)}
+    return out
+
+
+def _effective(cfg) -> dict:
+    """The configuration as the server applies it: an unset VLLM_METAL_PREFIX_CACHE leaves prefix
+    caching to vLLM's flag rather than turning it off."""
+    out = {k: v for k, v in vars(cfg).items() if k != "prefix_cache_set"}
+    if not cfg.prefix_cache_set:
+        out["prefix_cache"] = "unset: vLLM's --enable-prefix-caching decides (on by default)"
     return out
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from typing import TYPE_CHECKING
 
 import psutil
@@ -111,15 +112,34 @@ class MetalPlatform(Platform):
 
     @classmethod
     def pre_register_and_update(cls, parser=None) -> None:
-        """Before vLLM builds its config: resolve ModelScope ids to the local cache, and let a
-        ``.gguf`` file stand for a checkpoint directory."""
-        cfg = envs.load()
+        """Before vLLM builds its config: resolve ModelScope ids to the local cache, let a
+        ``.gguf`` file stand for a checkpoint directory, and default the API server's
+        ``--tool-strict-level`` to ``parameter``.
+
+        Under vLLM's ``auto``, a forced tool call (``tool_choice`` "required", a named function,
+        Anthropic ``any``/``tool``) holds only the call's envelope to a grammar unless the tool is
+        declared ``strict``; the small models this platform serves then return arguments that
+        are not the tool's schema (``"Paris"`` for ``{"city": string}``), which the Anthropic
+        route answers with a 400 blaming the client. ``parameter`` holds every forced call's
+        arguments to the schema; an explicit ``--tool-strict-level`` is kept.
+        """
+        try:
+            cfg = envs.load()
+        except envs.MetalConfigError:
+            _report_refusals_plainly()
+            raise
         patches.model_names(cfg.use_modelscope, cfg.modelscope_cache)
+        if parser is not None and parser.get_default("tool_strict_level") is not None:
+            parser.set_defaults(tool_strict_level="parameter")
 
     @classmethod
     def check_and_update_config(cls, vllm_config: VllmConfig) -> None:
         """Validate our env vars and the vLLM flags we cannot honour; set worker and cache."""
-        cfg = envs.load()
+        try:
+            cfg = envs.load()
+        except envs.MetalConfigError:
+            _report_refusals_plainly()
+            raise
         select_device(cfg.mlx_device)  # logs the fallback once, early
         patches.in_platform()  # torch.accelerator no-ops; the API server's key and field checks
         preflight.check_checkpoint(vllm_config.model_config)  # corrupt weights, no tokenizer
@@ -151,7 +171,8 @@ class MetalPlatform(Platform):
             refuse.append(f"VLLM_USE_V2_MODEL_RUNNER={v2} is not supported (vllm-metal's runner speaks "
                           "the V1 model-runner protocol); unset it or set it to 0")
         if refuse:
-            raise ValueError("vllm-metal cannot run this configuration: " + "; ".join(refuse) + ".")
+            _report_refusals_plainly()
+            raise UnsupportedConfiguration("vllm-metal cannot run this configuration: " + "; ".join(refuse) + ".")
 
         # vLLM picks its V2 runner by itself where Triton imports (Linux with CUDA torch); its
         # scheduler then resumes a preempted request as a new one whose history rides in
@@ -183,6 +204,44 @@ class MetalPlatform(Platform):
         comp.cudagraph_capture_sizes = []
         comp.cudagraph_mode = CUDAGraphMode.NONE
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+
+
+class UnsupportedConfiguration(ValueError):
+    """vLLM flags or settings this platform cannot honour; the message names each one."""
+
+
+def _report_refusals_plainly() -> None:
+    """Where nothing catches a refusal (the ``vllm serve`` command line), print its message as
+    the last line instead of the ~50-line traceback pydantic wraps it in (exit status 1, as for
+    any uncaught exception). Code that catches the exception sees it unchanged."""
+    previous = sys.excepthook
+
+    def excepthook(kind, exc, tb):
+        reason = _refusal(exc)
+        if reason is None:
+            previous(kind, exc, tb)
+        else:
+            print(f"ERROR: {reason}", file=sys.stderr)
+
+    if not getattr(previous, "vllm_metal_refusals", False):
+        excepthook.vllm_metal_refusals = True
+        sys.excepthook = excepthook
+
+
+def _refusal(exc: BaseException) -> str | None:
+    """The platform's refusal message in ``exc``, also where pydantic wrapped it (VllmConfig)."""
+    if isinstance(exc, (UnsupportedConfiguration, envs.MetalConfigError)):
+        return str(exc)
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        try:
+            for error in errors():
+                inner = error.get("ctx", {}).get("error")
+                if isinstance(inner, (UnsupportedConfiguration, envs.MetalConfigError)):
+                    return str(inner)
+        except Exception:  # noqa: BLE001 - not pydantic's ValidationError after all
+            return None
+    return None
 
 
 def _float32_means_float32(model_config) -> None:

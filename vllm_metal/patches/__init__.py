@@ -60,7 +60,10 @@ def general_plugin() -> None:
     the model name (EngineArgs.__post_init__), which is where ModelScope ids must be mapped."""
     from vllm_metal import envs
 
-    cfg = envs.load()
+    try:
+        cfg = envs.load()
+    except envs.MetalConfigError:  # the platform refuses it with the variable named
+        return
     if cfg.use_modelscope:
         model_names(cfg.use_modelscope, cfg.modelscope_cache)
 
