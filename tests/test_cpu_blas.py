@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -57,7 +58,10 @@ def _sgemm_binding(setting: str, order: str = "plugin-first") -> tuple[Path, str
 
 def _linker_cache(name: str) -> list[Path]:
     """The libraries ``lib<name>.so*`` the dynamic linker's cache lists, as ``ldconfig -p`` prints them."""
-    out = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, check=True).stdout
+    # ldconfig lives in /sbin, which a non-login PATH may lack.
+    ldconfig = shutil.which("ldconfig") or shutil.which("ldconfig", path="/sbin:/usr/sbin")
+    assert ldconfig, "ldconfig not found"
+    out = subprocess.run([ldconfig, "-p"], capture_output=True, text=True, check=True).stdout
     return [Path(line.split(" => ")[1]) for line in out.splitlines()
             if line.strip().startswith(f"lib{name}.so") and " => " in line]
 

@@ -188,13 +188,14 @@ def test_register_with_vllm(monkeypatch):
         return any(isinstance(d, envs.EnvVar) for d in (getattr(fn, "__defaults__", None) or ()))
 
     # vLLM's table without anything the plugin may already have added in this process.
-    table = {k: v for k, v in vllm_envs.environment_variables.items() if not added_by_plugin(v)}
+    table = {k: v for k, v in vllm_envs.environment_variables.items()
+             if not added_by_plugin(v) and k not in envs.OTHER_VARS}
     ours_in_vllm = {k: v for k, v in table.items() if k in NAMES}
     assert "VLLM_USE_MODELSCOPE" in ours_in_vllm  # vLLM defines this one itself
     assert not any(k.startswith("VLLM_METAL_") for k in table)
     monkeypatch.setattr(vllm_envs, "environment_variables", table)
     envs.register_with_vllm()
-    for name in NAMES:
+    for name in (*NAMES, *envs.OTHER_VARS):
         assert name in vllm_envs.environment_variables, name
         assert callable(vllm_envs.environment_variables[name])
     # A variable vLLM already defines keeps vLLM's definition.

@@ -235,8 +235,23 @@ def load(environ: dict[str, str] | None = None) -> MetalEnvs:
     return cfg
 
 
+# Variables of the project's other files, which the server does not configure itself with but a
+# user's shell may export: where model files are cached (GGUF views, the bundled model), install.sh's
+# settings (`install.sh --help`), and the test suite's outputs.
+OTHER_VARS: dict[str, str] = {
+    "VLLM_METAL_MODEL_CACHE": "Cache root for GGUF views and the bundled model's checkpoints "
+                              "(default `~/.cache/vllm-metal/models`).",
+    **{name: "install.sh (`bash install.sh --help`)." for name in (
+        "VLLM_METAL_VENV", "VLLM_METAL_PYTHON", "VLLM_METAL_SOURCE", "VLLM_METAL_CUDA",
+        "VLLM_METAL_VLLM_WHEEL", "VLLM_METAL_TORCH_INDEX", "VLLM_METAL_SKIP_SMOKE")},
+    "VLLM_METAL_TEST_LOGS": "Test suite: where server logs go (default `/tmp/vllm-metal-test-logs`).",
+    "VLLM_METAL_MATRIX_OUT": "Test suite: where the model matrix's results go (tests/test_models.py).",
+}
+
+
 def register_with_vllm() -> None:
-    """Add the plugin's variables to vLLM's table so vLLM does not warn they are unknown."""
+    """Add the plugin's variables (and ``OTHER_VARS``) to vLLM's table so vLLM does not warn they
+    are unknown."""
     import vllm.envs as vllm_envs
 
     for var in ENV_VARS:
@@ -244,6 +259,8 @@ def register_with_vllm() -> None:
             vllm_envs.environment_variables[var.name] = (
                 lambda v=var: v.parse(v.name, os.environ.get(v.name, v.default))
             )
+    for name in OTHER_VARS:
+        vllm_envs.environment_variables.setdefault(name, lambda n=name: os.environ.get(n))
 
 
 def configuration_markdown() -> str:
