@@ -28,7 +28,7 @@ TOOL_SYSTEM = ('You can call get_weather(city). Call it like this:\n<tool_call>\
                '{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>')
 
 
-def _forced_weather_calls(base: str, model: str, strict: bool | None, n: int = 4) -> list[dict]:
+def _forced_weather_calls(base: str, model: str, strict: bool | None, n: int = 2) -> list[dict]:
     """The arguments of ``n`` sampled calls forced to get_weather (one per seed)."""
     function = {"name": "get_weather", "description": "Current weather in a city", "parameters": CITY}
     if strict is not None:
@@ -76,7 +76,7 @@ def test_docker_model_runner_launch_line(models, monkeypatch):
         srv.stop()
 
 
-def _forced_weather_uses(base: str, model: str, n: int = 4) -> list[dict]:
+def _forced_weather_uses(base: str, model: str, n: int = 2) -> list[dict]:
     """The inputs of ``n`` Anthropic /v1/messages calls forced to a get_weather tool without ``strict``."""
     out = []
     for _ in range(n):
@@ -95,8 +95,9 @@ def _forced_weather_uses(base: str, model: str, n: int = 4) -> list[dict]:
 # What scripts/quickstart.sh serves, after the model path.
 QUICK_START_ARGS = ["--served-model-name", "smollm2", "--max-model-len", "2048", "--enable-auto-tool-choice",
                     "--tool-call-parser", "hermes"]
-# vLLM warns where the machine's hard limit on open files is below 65536 (the machine's setting).
-MACHINE_WARNINGS = ("Found ulimit of",)
+# Warnings about the machine, not the plugin: vLLM's on a hard open-files limit below 65536, and on
+# VLLM_* variables of the caller's environment that neither vLLM nor this project defines.
+MACHINE_WARNINGS = re.compile(r"Found ulimit of|Unknown vLLM environment variable detected: VLLM_(?!METAL_|MLX_)")
 
 
 def test_quick_start_serves_with_a_clean_log_and_stops_cleanly(models, monkeypatch):
@@ -126,7 +127,7 @@ def test_quick_start_serves_with_a_clean_log_and_stops_cleanly(models, monkeypat
     log = srv.log_path.read_text(errors="replace")
     flagged = [line for line in log.splitlines()
                if re.search(r"\b(WARNING|ERROR|CRITICAL)\b|Traceback|nanobind|leaked|resource_tracker", line)
-               and not any(m in line for m in MACHINE_WARNINGS)]
+               and not MACHINE_WARNINGS.search(line)]
     assert not flagged, "\n".join(flagged)
     device_lines = re.findall(r"MLX platform active on .*\(VLLM_MLX_DEVICE=auto, pid \d+\)", log)
     assert 1 <= len(device_lines) == len(set(device_lines)), device_lines
