@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import functools
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from gguf.quants import dequantize, quantize
 from mlx.utils import tree_map
 from references import prompt_ids, tokenizer
 
-from vllm_metal.device import resolve_device
+from vllm_metal.device import configured_device, resolve_device
 from vllm_metal.gguf import GgufError, ensure_view
 from vllm_metal.gguf.blocks import UnsupportedQuantError, to_affine
 from vllm_metal.gguf.reader import GgufFile
@@ -311,8 +310,7 @@ def test_tokenizer_needed_only_when_file_has_none(tmp_path, cache, models):
     assert mc.hf_config.head_dim == 128 and mc.architectures == ["Qwen3ForCausalLM"]
     # "auto": float32 where MLX computes on the CPU (no fast half-precision kernels there), else
     # the file's float16 block scales
-    on_gpu = resolve_device(os.environ.get("VLLM_MLX_DEVICE", "auto")) == "gpu"
-    assert mc.dtype == (torch.float16 if on_gpu else torch.float32)
+    assert mc.dtype == (torch.float16 if configured_device() == "gpu" else torch.float32)
 
 
 def test_view_tokenizer_matches_hf(models):

@@ -53,6 +53,22 @@ def resolve_device(requested: str) -> str:
     return "gpu" if requested != "cpu" and gpu_backend() is not None else "cpu"
 
 
+def requested_device() -> str:
+    """VLLM_MLX_DEVICE from the environment, or ``auto`` while it is invalid (the platform refuses
+    it at startup with the valid values)."""
+    from vllm_metal import envs
+
+    try:
+        return envs.load().mlx_device
+    except envs.MetalConfigError:
+        return "auto"
+
+
+def configured_device() -> str:
+    """'gpu' or 'cpu': where VLLM_MLX_DEVICE, as set in the environment, runs the model."""
+    return resolve_device(requested_device())
+
+
 def select_device(requested: str) -> mx.Device:
     """Make ``requested`` (VLLM_MLX_DEVICE) MLX's default device; an explicit ``gpu`` on a machine
     without one falls back to the CPU with a warning."""

@@ -18,7 +18,13 @@ from vllm.logger import init_logger
 from vllm.platforms.interface import Platform, PlatformEnum
 
 from vllm_metal import envs, patches, preflight
-from vllm_metal.device import describe_device, device_memory_bytes, resolve_device, select_device
+from vllm_metal.device import (
+    configured_device,
+    describe_device,
+    device_memory_bytes,
+    requested_device,
+    select_device,
+)
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -40,7 +46,7 @@ class MetalPlatform(Platform):
     @classmethod
     def log_warnings(cls) -> None:
         logger.info("vllm-metal: MLX platform active on %s (VLLM_MLX_DEVICE=%s, pid %d)",
-                    describe_device(), _requested_device(), os.getpid())
+                    describe_device(), requested_device(), os.getpid())
 
     @property
     def supported_dtypes(self) -> list[torch.dtype]:
@@ -51,7 +57,7 @@ class MetalPlatform(Platform):
         every checkpoint; on a GPU a half-precision checkpoint keeps its dtype and a float32
         one is downcast to bfloat16, as vLLM does on CUDA.
         """
-        if resolve_device(_requested_device()) == "cpu":
+        if configured_device() == "cpu":
             return [torch.float32]
         return [torch.bfloat16, torch.float16, torch.float32]
 
@@ -123,11 +129,7 @@ class MetalPlatform(Platform):
         route answers with a 400 blaming the client. ``parameter`` holds every forced call's
         arguments to the schema; an explicit ``--tool-strict-level`` is kept.
         """
-        try:
-            cfg = envs.load()
-        except envs.MetalConfigError:
-            _report_refusals_plainly()
-            raise
+        cfg = _load_envs()
         patches.model_names(cfg.use_modelscope, cfg.modelscope_cache)
         if parser is not None and parser.get_default("tool_strict_level") is not None:
             parser.set_defaults(tool_strict_level="parameter")
@@ -135,11 +137,7 @@ class MetalPlatform(Platform):
     @classmethod
     def check_and_update_config(cls, vllm_config: VllmConfig) -> None:
         """Validate our env vars and the vLLM flags we cannot honour; set worker and cache."""
-        try:
-            cfg = envs.load()
-        except envs.MetalConfigError:
-            _report_refusals_plainly()
-            raise
+        cfg = _load_envs()
         select_device(cfg.mlx_device)  # logs the fallback once, early
         patches.in_platform()  # torch.accelerator no-ops; the API server's key and field checks
         preflight.check_checkpoint(vllm_config.model_config)  # corrupt weights, no tokenizer
@@ -210,6 +208,18 @@ class UnsupportedConfiguration(ValueError):
     """vLLM flags or settings this platform cannot honour; the message names each one."""
 
 
+_REFUSALS = (UnsupportedConfiguration, envs.MetalConfigError)
+
+
+def _load_envs() -> envs.MetalEnvs:
+    """``envs.load()``; an invalid variable that nothing catches ends ``vllm serve`` with one line."""
+    try:
+        return envs.load()
+    except envs.MetalConfigError:
+        _report_refusals_plainly()
+        raise
+
+
 def _report_refusals_plainly() -> None:
     """Where nothing catches a refusal (the ``vllm serve`` command line), print its message as
     the last line instead of the ~50-line traceback pydantic wraps it in (exit status 1, as for
@@ -230,14 +240,14 @@ def _report_refusals_plainly() -> None:
 
 def _refusal(exc: BaseException) -> str | None:
     """The platform's refusal message in ``exc``, also where pydantic wrapped it (VllmConfig)."""
-    if isinstance(exc, (UnsupportedConfiguration, envs.MetalConfigError)):
+    if isinstance(exc, _REFUSALS):
         return str(exc)
     errors = getattr(exc, "errors", None)
     if callable(errors):
         try:
             for error in errors():
                 inner = error.get("ctx", {}).get("error")
-                if isinstance(inner, (UnsupportedConfiguration, envs.MetalConfigError)):
+                if isinstance(inner, _REFUSALS):
                     return str(inner)
         except Exception:  # noqa: BLE001 - not pydantic's ValidationError after all
             return None
@@ -262,17 +272,9 @@ def _float32_means_float32(model_config) -> None:
 def _say_cpu_dtype(model_config) -> None:
     """Say once, where MLX computes on the CPU, that a half-precision checkpoint runs in float32
     (``supported_dtypes``: what ``--dtype auto`` picks there)."""
-    if model_config is None or resolve_device(_requested_device()) != "cpu":
+    if model_config is None or configured_device() != "cpu":
         return
     stored = getattr(model_config.hf_config, "dtype", None) or getattr(model_config.hf_config, "torch_dtype", None)
     if model_config.dtype == torch.float32 and stored in (torch.bfloat16, torch.float16, "bfloat16", "float16"):
         logger.info("vllm-metal: computing in float32 on MLX's CPU backend (the checkpoint stores %s, "
                     "which has no fast kernels there); --dtype overrides", str(stored).removeprefix("torch."))
-
-
-def _requested_device() -> str:
-    """VLLM_MLX_DEVICE, or ``auto`` while it is invalid (check_and_update_config refuses it)."""
-    try:
-        return envs.load().mlx_device
-    except envs.MetalConfigError:
-        return "auto"

@@ -224,29 +224,24 @@ def label_kv_cache_device() -> None:
     import vllm.v1.core.kv_cache_utils as kv_cache_utils
     from vllm.v1.metrics.loggers import LoggingStatLogger
 
+    from vllm_metal.device import configured_device
+
     def wrap_name(original):
         def _kv_cache_device_name(vllm_config):
-            return "GPU" if _mlx_on_gpu() else original(vllm_config)
+            return "GPU" if configured_device() == "gpu" else original(vllm_config)
 
         return _kv_cache_device_name
 
     def wrap_init(original):
         def __init__(self, vllm_config, engine_index: int = 0):
             original(self, vllm_config, engine_index)
-            if _mlx_on_gpu():
+            if configured_device() == "gpu":
                 self.kv_cache_device = "GPU"
 
         return __init__
 
     _replace(kv_cache_utils, "_kv_cache_device_name", wrap_name)
     _replace(LoggingStatLogger, "__init__", wrap_init)
-
-
-def _mlx_on_gpu() -> bool:
-    from vllm_metal import envs
-    from vllm_metal.device import resolve_device
-
-    return resolve_device(envs.load().mlx_device) == "gpu"
 
 
 def collect_frozen_heap_at_exit() -> None:
