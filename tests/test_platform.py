@@ -163,19 +163,21 @@ def test_invalid_env_is_refused_at_config_time(models, monkeypatch, env, needle)
         _engine_config(models)
 
 
-def test_vllm_serve_exits_with_clear_message_on_refused_config(models):
-    """The real CLI: a refused configuration fails fast with the flag named, no hang."""
-    env = {**os.environ, "VLLM_MLX_DEVICE": "cpu"}
+@pytest.mark.parametrize(("env", "args", "last_line"), [
+    ({"VLLM_MLX_DEVICE": "cpu"}, ["--tensor-parallel-size", "3"],
+     "ERROR: vllm-metal cannot run this configuration: --tensor-parallel-size must be 1."),
+    ({"VLLM_MLX_DEVICE": "tpu"}, [],
+     "ERROR: VLLM_MLX_DEVICE='tpu' is invalid; valid values: auto, gpu, cpu."),
+], ids=["flag", "env-var"])
+def test_vllm_serve_exits_with_clear_message_on_refused_config(models, env, args, last_line):
+    """The real CLI: a refused flag or an invalid variable fails fast, and the reason is the last
+    line, not the bottom of pydantic's traceback."""
     out = subprocess.run(
-        [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(models.hf),
-         "--tensor-parallel-size", "3", "--port", "18999"],
-        capture_output=True, text=True, timeout=180, env=env,
+        [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(models.hf), *args, "--port", "18999"],
+        capture_output=True, text=True, timeout=180, env={**os.environ, **env},
     )
     assert out.returncode != 0
-    assert "--tensor-parallel-size must be 1" in out.stdout + out.stderr
-    # The reason is the last line, not the bottom of pydantic's traceback.
-    assert out.stderr.strip().splitlines()[-1] == (
-        "ERROR: vllm-metal cannot run this configuration: --tensor-parallel-size must be 1.")
+    assert out.stderr.strip().splitlines()[-1] == last_line
     assert "Traceback" not in out.stderr
 
 
