@@ -82,7 +82,17 @@ def runner_step(worker, scheduled: dict[str, int], new=(), cached=None, finished
     """One engine step built by hand: a ``SchedulerOutput`` that schedules ``scheduled`` (request id ->
     tokens) for the ``new`` and ``cached`` requests and finishes ``finished``, run by ``worker``.
 
-    Returns the step's ``ModelRunnerOutput`` (sampled when the runner defers sampling)."""
+    Returns the step's ``ModelRunnerOutput`` (sampled when the runner defers sampling; read from
+    the device as the engine does when sampling returns an ``AsyncModelRunnerOutput``)."""
+    from vllm.v1.outputs import AsyncModelRunnerOutput
+
+    out = runner_launch(worker, scheduled, new, cached, finished)
+    return out.get_output() if isinstance(out, AsyncModelRunnerOutput) else out
+
+
+def runner_launch(worker, scheduled: dict[str, int], new=(), cached=None, finished=()):
+    """``runner_step`` without reading the output: what ``sample_tokens`` returns, which under
+    async scheduling may be an ``AsyncModelRunnerOutput`` the engine reads a step later."""
     from vllm.v1.core.sched.output import CachedRequestData, SchedulerOutput
 
     so = SchedulerOutput(

@@ -2,16 +2,18 @@
 
 Hand-built scheduler outputs walk one request through chunked prefill, decode, preemption and
 resume on fresh blocks, and a prefix-cache hit (a new request whose first blocks are already
-computed); every sampled token must equal mlx-lm's greedy continuation.
+computed); every sampled token must equal mlx-lm's greedy continuation. One test keeps vLLM's
+async-scheduling order (step N+1 runs before step N's output is read).
 """
 
 from __future__ import annotations
 
 import pytest
-from conftest import metal_worker, runner_step
+from conftest import metal_worker, runner_launch, runner_step
 from references import mlx_greedy, prompt_ids
 from vllm.sampling_params import SamplingParams
 from vllm.v1.core.sched.output import CachedRequestData, NewRequestData
+from vllm.v1.outputs import AsyncModelRunnerOutput, ModelRunnerOutput
 
 BLOCK = 16
 
@@ -32,8 +34,8 @@ def _cached(req_id, computed, new_blocks=None, resumed=False, all_tokens=None, n
     )
 
 
-def _new(req_id, ids, blocks, computed=0):
-    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+def _new(req_id, ids, blocks, computed=0, **sampling):
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True, **sampling)
     return NewRequestData(req_id=req_id, prompt_token_ids=ids, mm_features=[], sampling_params=params,
                           pooling_params=None, block_ids=(blocks,), num_computed_tokens=computed,
                           lora_request=None)
@@ -129,3 +131,33 @@ def test_one_sequence_on_scattered_blocks(runner, models):
         got += out.sampled_token_ids[0]
     assert got == want_cached
     runner_step(runner, finished=["h"], scheduled={})
+
+
+def test_next_step_runs_before_this_steps_output_is_read(runner, models):
+    """Under vLLM's async scheduling the engine executes step N+1 before it reads step N's output,
+    and the runner is not told step N's token: greedy steps come back as
+    ``AsyncModelRunnerOutput`` (sampled on the device; the next step takes the token from there),
+    a step with a request that wants logprobs is sampled on the host, and the tokens are
+    mlx-lm's either way."""
+    ids, other = prompt_ids(models.hf)[3], prompt_ids(models.hf)[0]
+    n, m = len(ids), len(other)
+    want, want_other = mlx_greedy(models.mlx, ids, 6), mlx_greedy(models.mlx, other, 3)
+    launched = [runner_launch(runner, new=[_new("a", ids, [1, 2])], scheduled={"a": n})]
+    for k in range(3):  # decode positions n .. n+2, each launched before the previous is read
+        launched.append(runner_launch(runner, cached=_cached("a", n + k, num_output=k + 1), scheduled={"a": 1}))
+        assert isinstance(launched[-2], AsyncModelRunnerOutput)
+    # "b" wants logprobs: that step is sampled by vLLM's Sampler once the device tokens are in
+    both = runner_launch(runner, new=[_new("b", other, [20], logprobs=1)], cached=_cached("a", n + 3, num_output=4),
+                         scheduled={"a": 1, "b": m})
+    assert isinstance(both, ModelRunnerOutput)
+    outs = [o.get_output() for o in launched] + [both]
+    got = [o.sampled_token_ids[o.req_id_to_index["a"]][0] for o in outs]
+    b_row = both.req_id_to_index["b"]
+    assert both.sampled_token_ids[b_row] == want_other[:1]
+    assert both.logprobs.sampled_token_ranks[b_row] == 1  # the greedy token is the most likely
+    # back on the device once "b" is gone; its step reads a's host-sampled token
+    last = runner_launch(runner, cached=_cached("a", n + 4, num_output=5), scheduled={"a": 1}, finished=["b"])
+    assert isinstance(last, AsyncModelRunnerOutput)
+    got += last.get_output().sampled_token_ids[0]
+    assert got == want
+    runner_step(runner, finished=["a"], scheduled={})

@@ -109,21 +109,25 @@ def device_memory_bytes() -> int:
 
 
 class EvalTimer:
-    """``mx.eval`` for a step's arrays; when ``split`` is on (VLLM_METAL_DEBUG), timed in two parts:
-    ``launch_s`` (``mx.async_eval``: the host encodes and submits the kernels) and ``wait_s`` (until
-    the device is done). A single stream on a fast GPU is host-bound, and this says by how much."""
+    """Evaluates a step's arrays: ``mx.eval``, or with ``wait`` off only ``mx.async_eval`` (the
+    runner's one-step-ahead mode: whoever reads the arrays waits). When ``split`` is on
+    (VLLM_METAL_DEBUG), timed in two parts: ``launch_s`` (``mx.async_eval``: the host encodes and
+    submits the kernels) and ``wait_s`` (until the device is done; 0 without ``wait``). A single
+    stream on a fast GPU is host-bound, and this says by how much."""
 
-    def __init__(self, split: bool = False):
+    def __init__(self, split: bool = False, wait: bool = True):
         self.split = split
+        self.wait = wait
         self.launch_s = 0.0
         self.wait_s = 0.0
 
     def __call__(self, *arrays) -> None:
         if not self.split:
-            mx.eval(*arrays)
+            (mx.eval if self.wait else mx.async_eval)(*arrays)
             return
         t0 = time.perf_counter()
         mx.async_eval(*arrays)
         t1 = time.perf_counter()
-        mx.eval(*arrays)
-        self.launch_s, self.wait_s = t1 - t0, time.perf_counter() - t1
+        if self.wait:
+            mx.eval(*arrays)
+        self.launch_s, self.wait_s = t1 - t0, (time.perf_counter() - t1) if self.wait else 0.0

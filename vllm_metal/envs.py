@@ -168,6 +168,13 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "where the engine calls the runner (`forward_ms`: execute_model, with its `launch_ms` "
            "(kernels encoded and submitted) and `wait_ms` (for the device) parts; `between_ms`; "
            "`sample_ms`; `outside_ms`: the engine's own work between steps)."),
+    EnvVar("VLLM_METAL_ONE_STEP_AHEAD", "1", _bool,
+           "`1`: a step whose requests use only greedy, temperature, top-k, top-p or min-p "
+           "sampling is sampled in MLX on the device and returned to vLLM one step later, so the "
+           "host schedules and records the next step while the device computes this one (needs "
+           "vLLM's async scheduling, its default). Other steps (penalties, logit bias, seeds, "
+           "logprobs, structured output...) are sampled by vLLM's Sampler on the host, after the "
+           "device is done. `0`: every step is sampled on the host, synchronously."),
     EnvVar("VLLM_USE_MODELSCOPE", "False", _vllm_bool,
            "`True`: model ids are ModelScope ids, resolved offline to the local ModelScope cache "
            "(`$MODELSCOPE_CACHE` or `~/.cache/modelscope/hub`); vLLM then needs `pip install modelscope`."),
@@ -194,6 +201,7 @@ class MetalEnvs:
     block_size: int
     use_paged_attention: bool
     debug: bool
+    one_step_ahead: bool
     use_modelscope: bool
     modelscope_cache: str | None
     prefix_cache: bool
@@ -215,6 +223,7 @@ def load(environ: dict[str, str] | None = None) -> MetalEnvs:
         block_size=parsed["VLLM_METAL_BLOCK_SIZE"],
         use_paged_attention=parsed["VLLM_METAL_USE_PAGED_ATTENTION"],
         debug=parsed["VLLM_METAL_DEBUG"],
+        one_step_ahead=parsed["VLLM_METAL_ONE_STEP_AHEAD"],
         use_modelscope=parsed["VLLM_USE_MODELSCOPE"],
         modelscope_cache=parsed["VLLM_METAL_MODELSCOPE_CACHE"],
         prefix_cache=parsed["VLLM_METAL_PREFIX_CACHE"],

@@ -30,6 +30,9 @@ class StepBatch:
     tables: list[np.ndarray]  # vLLM block ids of the request
     all_rows: list[bool]  # prompt logprobs: logits for every scheduled position, not only the last
     prompt_lens: list[int]
+    # Input ids still on the device (sampled one step ahead): (packed token index, ids); the
+    # histories hold placeholders there. Only for backends with ``reads_late_tokens``.
+    late: tuple[np.ndarray, mx.array] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -50,6 +53,7 @@ class KVBackend(ABC):
     """A KV cache kind behind the runner. Counters are cumulative since start (debug logging)."""
 
     moved_blocks: int = 0  # block ids whose K/V placement moved (paged placement)
+    reads_late_tokens: bool = False  # takes ``StepBatch.late``; else the runner waits for them first
     restored_tokens: int = 0  # prefix tokens restored from snapshots (MLX-managed prefix store)
 
     @abstractmethod

@@ -1,10 +1,19 @@
 """MetalModelRunner: one ``SchedulerOutput`` in, one packed MLX forward, one ``ModelRunnerOutput`` out.
 
-Request bookkeeping and sampling are vLLM's own: the persistent ``InputBatch`` (token history,
-block tables, sampling params, logits-processor state) and the ``Sampler`` (temperature, top-k/p,
-min-p, penalties, logit bias, min-tokens, logprobs, seeds), running on small CPU torch tensors.
-The forward pass and the KV cache are MLX: the model from ``loader.py``, the cache behind the
-``KVBackend`` interface (``paged.py``, or ``mlx_cache.py`` with VLLM_METAL_USE_PAGED_ATTENTION=0).
+Request bookkeeping is vLLM's own persistent ``InputBatch`` (token history, block tables,
+sampling params, logits-processor state). The forward pass and the KV cache are MLX: the model
+from ``loader.py``, the cache behind the ``KVBackend`` interface (``paged.py``, or
+``mlx_cache.py`` with VLLM_METAL_USE_PAGED_ATTENTION=0).
+
+Sampling takes one of two paths per step. Where every request of the step asks only for what
+``sampling.py`` does on the device (greedy, temperature, top-k/p, min-p), the step is sampled in
+MLX and nothing waits for the device (one step ahead, VLLM_METAL_ONE_STEP_AHEAD):
+``sample_tokens`` returns a ``DeviceSampledOutput`` at once, with the token ids still being
+computed; the runner holds a placeholder (``PLACEHOLDER``) in their place, the next step's forward
+reads them from the device array as its input ids, and vLLM's engine, which schedules that next
+step meanwhile, reads them later through ``get_output``. Otherwise the step is sampled by vLLM's
+``Sampler`` on the host (penalties, logit bias, seeds, logprobs, grammars: ``sampling.host_reason``),
+after the runner has waited for every token still on the device.
 """
 
 from __future__ import annotations
@@ -12,18 +21,25 @@ from __future__ import annotations
 import gc
 import json
 import math
+import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import mlx.core as mx
+import numpy as np
 import torch
 from vllm.config import VllmConfig
 from vllm.logger import init_logger
 from vllm.sampling_params import SamplingType
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheSpec
-from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, LogprobsTensors, ModelRunnerOutput
+from vllm.v1.outputs import (
+    EMPTY_MODEL_RUNNER_OUTPUT,
+    AsyncModelRunnerOutput,
+    LogprobsTensors,
+    ModelRunnerOutput,
+)
 from vllm.v1.sample.logits_processor import build_logitsprocs
 from vllm.v1.sample.sampler import Sampler
 from vllm.v1.worker.gpu_input_batch import CachedRequestState, InputBatch
@@ -37,6 +53,7 @@ from vllm_metal.loader import LoadedModel, load, resolve_model_dir
 from vllm_metal.mlx_cache import MlxManagedBackend
 from vllm_metal.mlx_lm_models import UnsupportedModelError
 from vllm_metal.paged import PagedBackend
+from vllm_metal.sampling import RowParams, host_reason, sample
 from vllm_metal.scheduler import FailedStep, MetalAsyncScheduler, MetalScheduler
 
 logger = init_logger("vllm.metal")
@@ -44,6 +61,7 @@ logger = init_logger("vllm.metal")
 MIN_ATTENTION_BUDGET = 64 * 2**20
 MAX_ATTENTION_BUDGET = 2**30
 STEP_LOG_PREFIX = "vllm-metal step: "
+PLACEHOLDER = -1  # a sampled token id the device has not returned yet
 OUR_SCHEDULERS = {f"{c.__module__}.{c.__qualname__}" for c in (MetalScheduler, MetalAsyncScheduler)}
 
 
@@ -77,6 +95,7 @@ class StepRecord:
     restored_tokens: int = 0  # prefix tokens restored from snapshots, since start
     moved_blocks: int = 0  # block ids whose K/V placement moved in this step
     peak_mib: float = 0.0  # MLX peak above weights and KV since the previous record
+    on_device: bool = False  # sampled in MLX, one step ahead (sample_ms: building the sampler)
 
     @classmethod
     def from_log(cls, line: str) -> StepRecord | None:
@@ -95,6 +114,22 @@ class _PendingStep:
     prompt_rows: dict[str, tuple[int, int, int]]  # req_id -> (first logits row, count, start pos)
     started: float  # perf_counter at execute_model entry
     record: StepRecord
+
+
+@dataclass
+class DeviceSampledOutput(AsyncModelRunnerOutput):
+    """A step sampled on the device: ``output`` without its token ids until ``get_output``, which
+    waits for the device and also writes the ids where the runner holds placeholders."""
+
+    runner: MetalModelRunner
+    output: ModelRunnerOutput
+    tokens: mx.array  # (rows,) int32, being computed
+    rows: list[tuple[str, int, int, int]]  # (req_id, row, token position, output index) sampled
+    scheduler_output: SchedulerOutput
+    result: ModelRunnerOutput | None = field(default=None, init=False)
+
+    def get_output(self) -> ModelRunnerOutput:
+        return self.runner.resolve(self)
 
 
 class MetalModelRunner:
@@ -125,6 +160,14 @@ class MetalModelRunner:
         self._num_blocks = 0
         self._pending: _PendingStep | FailedStep | None = None
         self._last_step_end = 0.0  # VLLM_METAL_DEBUG step timing
+        # One step ahead: tokens sampled on the device that the host does not hold yet. vLLM's
+        # multiprocess executor reads outputs on another thread, hence the lock.
+        self.one_step_ahead = self.envs.one_step_ahead
+        self._lock = threading.RLock()
+        self._late: dict[str, tuple[int, mx.array, int]] = {}  # req_id -> (position, ids, row)
+        self._unresolved: list[DeviceSampledOutput] = []
+        self._host_sampled: dict[str, str] = {}  # req_id -> the parameter only vLLM's Sampler applies
+        self.evaluate.wait = not self.one_step_ahead
 
     def _new_input_batch(self, logitsprocs) -> InputBatch:
         return InputBatch(
@@ -218,6 +261,8 @@ class MetalModelRunner:
         for req_id in scheduler_output.finished_req_ids:
             self.requests.pop(req_id, None)
             self.num_prompt_logprobs.pop(req_id, None)
+            self._host_sampled.pop(req_id, None)
+            self._late.pop(req_id, None)
             batch.remove_request(req_id)
         if scheduler_output.kv_cache_block_copies:
             self.kv.copy_blocks([(c.src_block_id, c.dst_block_id)
@@ -251,6 +296,8 @@ class MetalModelRunner:
                 lora_request=new.lora_request,
             )
             self.requests[new.req_id] = state
+            if (reason := host_reason(params) or self._custom_logitsprocs) is not None:
+                self._host_sampled[new.req_id] = reason
             if params.prompt_logprobs is not None:
                 self.num_prompt_logprobs[new.req_id] = (
                     self.vocab_size if params.prompt_logprobs == -1 else params.prompt_logprobs
@@ -271,6 +318,7 @@ class MetalModelRunner:
                     batch.num_tokens_no_spec[index] = batch.num_prompt_tokens[index] + num_output
             if req_id in cached.resumed_req_ids:
                 state.block_ids = new_blocks
+                self._late.pop(req_id, None)  # its history is the scheduler's now
             elif new_blocks is not None:
                 for ids, extra in zip(state.block_ids, new_blocks, strict=True):
                     ids.extend(extra)
@@ -288,20 +336,30 @@ class MetalModelRunner:
         self.kv.keep_only(set(batch.req_ids))  # preempted and finished requests free their caches
 
     # ----------------------------------------------------------------- one step
+    @property
+    def _custom_logitsprocs(self) -> str | None:
+        """``--logits-processors`` beyond vLLM's built-in ones run on the host for every request."""
+        custom = [p for p in self.input_batch.logitsprocs.all
+                  if not type(p).__module__.startswith("vllm.v1.sample.logits_processor")]
+        return "logits_processors" if custom else None
+
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
-        try:
-            return self._execute(scheduler_output)
-        except Exception as exc:  # noqa: BLE001 - any failure of the step, MLX's above all
-            if not self.survives_failed_steps:
-                raise
-            self._pending = self._fail_step(scheduler_output, exc)
-            return None
+        with self._lock:
+            try:
+                return self._execute(scheduler_output)
+            except Exception as exc:  # noqa: BLE001 - any failure of the step, MLX's above all
+                if not self.survives_failed_steps:
+                    raise
+                self._pending = self._fail_step(scheduler_output, exc)
+                return None
 
     def _execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
         started = time.perf_counter()
         self._update_states(scheduler_output)
         if scheduler_output.total_num_scheduled_tokens == 0:
             return EMPTY_MODEL_RUNNER_OUTPUT
+        if self._late and not self.kv.reads_late_tokens:
+            self._resolve_all()
         step = self._step_batch(scheduler_output)
         moved_before = self.kv.moved_blocks
         logits = self.kv.forward(step)
@@ -321,11 +379,18 @@ class MetalModelRunner:
         batch = self.input_batch
         table = batch.block_table[0]
         step = StepBatch([], [], [], [], [], [], [])
+        late: dict[int, tuple[mx.array, list[int], list[int]]] = {}  # by array: (ids, rows, packed index)
+        offset = 0
         for i, req_id in enumerate(batch.req_ids):
             n = scheduler_output.num_scheduled_tokens[req_id]
             start = int(batch.num_computed_tokens_cpu[i])
             if start + n > batch.num_tokens_no_spec[i]:
                 raise self._history_error(scheduler_output, req_id, start, n)
+            if (held := self._late.get(req_id)) is not None and start <= held[0] < start + n:
+                ids, rows, index = late.setdefault(id(held[1]), (held[1], [], []))
+                rows.append(held[2])
+                index.append(offset + held[0] - start)
+            offset += n
             step.req_ids.append(req_id)
             step.lens.append(n)
             step.starts.append(start)
@@ -333,6 +398,10 @@ class MetalModelRunner:
             step.tables.append(table.block_table.np[i, : table.num_blocks_per_row[i]])
             step.all_rows.append(req_id in self.num_prompt_logprobs)
             step.prompt_lens.append(int(batch.num_prompt_tokens[i]))
+        if late:
+            parts = list(late.values())
+            step.late = (np.concatenate([np.array(index) for _, _, index in parts]),
+                         mx.concatenate([ids[mx.array(rows)] for ids, rows, _ in parts]))
         return step
 
     def _history_error(self, scheduler_output: SchedulerOutput, req_id: str, start: int, n: int) -> RuntimeError:
@@ -352,18 +421,91 @@ class MetalModelRunner:
             f"disagree (this step's update: {said})."
         )
 
-    def sample_tokens(self, grammar_output) -> ModelRunnerOutput:
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return EMPTY_MODEL_RUNNER_OUTPUT
-        if isinstance(pending, FailedStep):
-            return pending
-        try:
-            return self._sample(pending, grammar_output)
-        except Exception as exc:  # noqa: BLE001 - as in execute_model
-            if not self.survives_failed_steps:
-                raise
-            return self._fail_step(pending.scheduler_output, exc)
+    def sample_tokens(self, grammar_output) -> ModelRunnerOutput | DeviceSampledOutput:
+        with self._lock:
+            pending, self._pending = self._pending, None
+            if pending is None:
+                return EMPTY_MODEL_RUNNER_OUTPUT
+            if isinstance(pending, FailedStep):
+                return pending
+            try:
+                if self._samples_on_device(pending, grammar_output):
+                    return self._sample_on_device(pending)
+                self._resolve_all()
+                return self._sample(pending, grammar_output)
+            except Exception as exc:  # noqa: BLE001 - as in execute_model
+                if not self.survives_failed_steps:
+                    raise
+                return self._fail_step(pending.scheduler_output, exc)
+
+    def _samples_on_device(self, pending: _PendingStep, grammar_output) -> bool:
+        return (self.one_step_ahead and grammar_output is None and not pending.prompt_rows
+                and self._host_sampled.keys().isdisjoint(self.input_batch.req_ids))
+
+    def _sample_on_device(self, pending: _PendingStep) -> DeviceSampledOutput:
+        """Sample in MLX and return before the device is done; placeholders stand for the ids."""
+        entered = time.perf_counter()
+        batch = self.input_batch
+        n = len(pending.partial)
+        tokens = sample(pending.logits[:n], RowParams.of([self.requests[r].sampling_params for r in batch.req_ids]))
+        mx.async_eval(tokens)
+        output = ModelRunnerOutput(req_ids=list(batch.req_ids), req_id_to_index=dict(batch.req_id_to_index),
+                                   sampled_token_ids=[[] for _ in range(n)])
+        rows: list[tuple[str, int, int, int]] = []
+        for i, req_id in enumerate(batch.req_ids):
+            if pending.partial[i]:
+                continue
+            state = self.requests[req_id]
+            end = int(batch.num_tokens_no_spec[i])
+            if end < self.max_model_len:
+                batch.token_ids_cpu[i, end] = PLACEHOLDER
+                batch.is_token_ids[i, end] = True
+            batch.num_tokens_no_spec[i] = end + 1
+            rows.append((req_id, i, end, len(state.output_token_ids)))
+            state.output_token_ids.append(PLACEHOLDER)
+            self._late[req_id] = (end, tokens, i)
+        result = DeviceSampledOutput(self, output, tokens, rows, pending.scheduler_output)
+        self._unresolved.append(result)
+        if self.debug:
+            pending.record.on_device = True
+            self._log_step(pending, entered)
+        return result
+
+    def resolve(self, sampled: DeviceSampledOutput) -> ModelRunnerOutput:
+        """Wait for a device-sampled step's token ids; put them in its output and in place of the
+        placeholders the runner still holds for them."""
+        with self._lock:
+            if sampled.result is not None:
+                return sampled.result
+            try:
+                values = sampled.tokens.tolist()
+            except Exception as exc:  # noqa: BLE001 - the step's evaluation failed on the device
+                if not self.survives_failed_steps:
+                    raise
+                sampled.result = self._fail_step(sampled.scheduler_output, exc)
+                return sampled.result
+            self._unresolved.remove(sampled)
+            batch = self.input_batch
+            for req_id, row, position, out_index in sampled.rows:
+                token = values[row]
+                sampled.output.sampled_token_ids[row] = [token]
+                if (held := self._late.get(req_id)) is not None and held[1] is sampled.tokens:
+                    del self._late[req_id]
+                state = self.requests.get(req_id)
+                if (state is not None and out_index < len(state.output_token_ids)
+                        and state.output_token_ids[out_index] == PLACEHOLDER):
+                    state.output_token_ids[out_index] = token
+                index = batch.req_id_to_index.get(req_id)
+                if (index is not None and position < min(self.max_model_len, batch.num_tokens_no_spec[index])
+                        and batch.token_ids_cpu[index, position] == PLACEHOLDER):
+                    batch.token_ids_cpu[index, position] = token
+            sampled.result = sampled.output
+            return sampled.output
+
+    def _resolve_all(self) -> None:
+        """Wait for every token still on the device (vLLM's Sampler needs the histories)."""
+        for sampled in list(self._unresolved):
+            self.resolve(sampled)
 
     def _fail_step(self, scheduler_output: SchedulerOutput, exc: Exception) -> FailedStep:
         """A step failed (an MLX evaluation out of device memory, say): log it with the knobs that
@@ -383,6 +525,12 @@ class MetalModelRunner:
         error = f"{type(exc).__name__}: {exc}"
         exc.__traceback__ = None  # its frames hold the failed step's arrays
         del exc
+        for sampled in self._unresolved:  # steps launched after it read the same pools
+            sampled.result = FailedStep(req_ids=sampled.output.req_ids,
+                                        req_id_to_index=sampled.output.req_id_to_index,
+                                        error=f"an earlier step failed: {error}")
+        self._unresolved.clear()
+        self._late.clear()
         if self.loaded.row_select is not None:
             self.loaded.row_select.rows = None
         batch = self.input_batch

@@ -19,6 +19,8 @@ from vllm_metal.mlx_lm_models import UnsupportedModelError
 
 
 class PagedBackend(KVBackend):
+    reads_late_tokens = True
+
     def __init__(self, loaded: LoadedModel, block_size: int, max_model_len: int, limits: AttnLimits,
                  evaluate: EvalTimer):
         self.loaded = loaded
@@ -64,7 +66,11 @@ class PagedBackend(KVBackend):
             extra = [np.arange(e - n, e) for e, n, wanted in zip(last + 1, step.lens, step.all_rows, strict=True)
                      if wanted]
             rows = mx.array(np.concatenate([last, *extra]).astype(np.int32))
-        return self._run(store, step.lens, step.starts, tables, mx.array(tokens.astype(np.int32)), rows)
+        ids = mx.array(tokens.astype(np.int32))
+        if step.late is not None:
+            index, late_ids = step.late
+            ids[mx.array(index.astype(np.int32))] = late_ids
+        return self._run(store, step.lens, step.starts, tables, ids, rows)
 
     def _run(self, store: PagedKVStore, lens: list[int], starts: list[int], tables: list[np.ndarray],
              tokens: mx.array, rows: mx.array | None) -> mx.array:
@@ -113,5 +119,5 @@ class PagedBackend(KVBackend):
         store = self._new_store(1 + need)
         tokens = mx.zeros((sum(lens),), dtype=mx.int32)
         rows = mx.array(np.cumsum(lens).astype(np.int32) - 1)
-        self._run(store, lens, starts, [table] * len(lens), tokens, rows)
+        mx.eval(self._run(store, lens, starts, [table] * len(lens), tokens, rows), store.arrays())
         return store.nbytes()
