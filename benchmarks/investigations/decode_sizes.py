@@ -1,0 +1,186 @@
+"""Decode at the sizes people run: 1B and 8B Llama shapes in bf16 and 4-bit, 1 to 64 clients.
+
+    python -m benchmarks.investigations.decode_sizes [--checkpoints llama-1b llama-8b llama-8b-q4]
+        [--concurrency 1 8 32 64] [--one-step-ahead 1 0] [--mlx-lm-server 1 8] [--max-tokens 128]
+        [--checkpoint-dir DIR] [--out results.json]
+
+Checkpoints are built on the machine (random weights, the bundled SmolLM2 tokenizer, nothing
+downloaded): ``llama-1b`` and ``llama-8b`` as ``long_prompts`` builds them (HF safetensors, bf16),
+``llama-8b-q4`` as ``mlx_lm.convert -q`` (4-bit, group 64) makes it from ``llama-8b``. Each runs
+at its own dtype (bf16; the 4-bit one with bf16 scales and activations).
+
+Per checkpoint: mlx-lm's own decode loop (``generate_step``, one stream, in a subprocess) and its
+fraction of the device's copy bandwidth / weight bytes; then ``vllm serve --dtype bfloat16`` once
+per ``--one-step-ahead`` setting (VLLM_METAL_ONE_STEP_AHEAD) and, with ``--mlx-lm-server``,
+mlx_lm.server, each driven by ``benchmarks.load`` at every concurrency level: 2 x C streamed
+chat requests from the sweep's prompt set (at least 4), ``max_tokens`` output tokens each (special
+tokens suppressed by ``logit_bias``, which both servers honour), greedy. Reported: output tok/s,
+mean TTFT and TPOT, failures. The JSON (``--out``) is rewritten after every server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from benchmarks import machine
+from benchmarks.investigations.decode_roofline import bandwidth_gbs
+from benchmarks.investigations.long_prompts import SHAPES, ensure_checkpoint
+from benchmarks.load import run_clients, summarize
+from benchmarks.prompts import eos_logit_bias, sweep_prompts
+from benchmarks.server import vllm_serve_command
+from benchmarks.systems import MlxLm, Server, Setup
+
+CHECKPOINTS = {"llama-1b": ("llama-1b", False), "llama-8b": ("llama-8b", False), "llama-8b-q4": ("llama-8b", True),
+               # for trying the harness on a CPU in seconds (hidden from --help)
+               "tiny": ("tiny", False), "tiny-q4": ("tiny", True)}
+SERVED_NAME = "llama-random"
+
+
+def checkpoint(root: Path, name: str, seed: int) -> Path:
+    """The checkpoint's directory, built if missing."""
+    shape, quantized = CHECKPOINTS[name]
+    base = root / shape
+    ensure_checkpoint(base, shape, seed)
+    if not quantized:
+        return base
+    out = root / name
+    if not (out / "config.json").exists():
+        from mlx_lm import convert
+
+        convert(str(base), mlx_path=str(out), quantize=True, q_group_size=64, q_bits=4)
+    return out
+
+
+def mlx_lm_loop(model_dir: Path, tokens: int) -> dict[str, Any]:
+    """mlx-lm's ``generate_step`` rate at one stream, in its own process (its memory goes with it)."""
+    code = ("import json, sys; from pathlib import Path; "
+            "from benchmarks.investigations.decode_roofline import mlx_lm_rate; "
+            "tps, nbytes = mlx_lm_rate(Path(sys.argv[1]), 'bfloat16', int(sys.argv[2])); "
+            "print(json.dumps({'tok_s': tps, 'weight_bytes': nbytes}))")
+    done = subprocess.run([sys.executable, "-c", code, str(model_dir), str(tokens)], capture_output=True,
+                          text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+class Plugin(Server):
+    """``vllm serve`` on the checkpoint at bf16, one-step-ahead on or off."""
+
+    def __init__(self, setup: Setup, one_step_ahead: str):
+        self.name = f"vllm-metal-osa{one_step_ahead}"
+        self.one_step_ahead = one_step_ahead
+        super().__init__(setup)
+
+    @property
+    def model_id(self) -> str:
+        return SERVED_NAME
+
+    def command(self) -> list[str]:
+        s = self.setup
+        return vllm_serve_command(s.hf, self.port, [
+            "--served-model-name", SERVED_NAME, "--dtype", "bfloat16", "--max-model-len", str(s.max_model_len),
+            "--max-num-seqs", str(s.max_num_seqs), "--seed", "0", "--no-enable-prefix-caching"])
+
+    def env(self) -> dict[str, str]:
+        return {"VLLM_MLX_DEVICE": self.setup.device, "VLLM_METAL_ONE_STEP_AHEAD": self.one_step_ahead}
+
+
+def sweep(server: Server, levels: list[int], max_tokens: int, bias: dict[str, float]) -> list[dict[str, Any]]:
+    prompts = sweep_prompts()
+    rows = []
+    for c in levels:
+        n = max(4, 2 * c)
+        batch = [prompts[i % len(prompts)] for i in range(n)]
+        results, wall = asyncio.run(run_clients(server.base_url, server.model_id, batch, max_tokens, c, bias,
+                                                count_tokens=lambda text: 0))
+        rows.append({"concurrency": c, **summarize(results, wall)})
+        r = rows[-1]
+        print(f"  {server.name} c={c}: {r['output_throughput']:.0f} tok/s, TTFT {r['mean_ttft_ms']:.0f} ms, "
+              f"TPOT {r['mean_tpot_ms']:.1f} ms, failed {r['failed']}", flush=True)
+    return rows
+
+
+def serve_and_sweep(server: Server, levels: list[int], max_tokens: int, bias: dict[str, float]) -> dict[str, Any]:
+    server.start(timeout=900)
+    try:
+        sweep(server, [1], max_tokens, bias)  # warm-up: kernels compile, buffers settle
+        return {"server": server.name, "levels": sweep(server, levels, max_tokens, bias)}
+    finally:
+        server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoints", nargs="+", choices=list(CHECKPOINTS), default=list(CHECKPOINTS)[:3],
+                    metavar="{llama-1b,llama-8b,llama-8b-q4}")
+    ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32, 64])
+    ap.add_argument("--one-step-ahead", nargs="+", choices=("1", "0"), default=["1", "0"])
+    ap.add_argument("--mlx-lm-server", nargs="*", type=int, default=[], metavar="C",
+                    help="also run mlx_lm.server at these concurrency levels")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--mlx-lm-tokens", type=int, default=256)
+    ap.add_argument("--device", choices=("cpu", "gpu"), default="gpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--checkpoint-dir", type=Path, default=Path("/tmp/vllm-metal-sizes"))
+    ap.add_argument("--out", type=Path, default=Path("/tmp/vllm-metal-bench/decode_sizes.json"))
+    args = ap.parse_args(argv)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"machine": machine.describe(), "versions": machine.versions(),
+                              "command": " ".join(sys.argv), "bandwidth_gbs": bandwidth_gbs(), "checkpoints": []}
+    for name in args.checkpoints:
+        path = checkpoint(args.checkpoint_dir, name, args.seed)
+        loop = mlx_lm_loop(path, args.mlx_lm_tokens)
+        ceiling = report["bandwidth_gbs"] * 1e9 / loop["weight_bytes"]
+        entry: dict[str, Any] = {"checkpoint": name, "shape": SHAPES[CHECKPOINTS[name][0]], "mlx_lm_loop": loop,
+                                 "ceiling_tok_s": ceiling, "mlx_lm_of_ceiling": loop["tok_s"] / ceiling,
+                                 "servers": []}
+        print(f"{name}: mlx-lm loop {loop['tok_s']:.0f} tok/s ({loop['tok_s'] / ceiling:.0%} of "
+              f"{ceiling:.0f}, {loop['weight_bytes'] / 2**30:.2f} GiB)", flush=True)
+        report["checkpoints"].append(entry)
+        setup = Setup(hf=path, mlx=path, gguf=None, device=args.device, max_model_len=2048,
+                      max_num_seqs=max(args.concurrency), kv_cache_gib=0, log_dir=args.out.parent / "logs")
+        bias = eos_logit_bias(path)
+        servers: list[tuple[Server, list[int]]] = [(Plugin(setup, o), args.concurrency) for o in args.one_step_ahead]
+        if args.mlx_lm_server:
+            servers.append((MlxLm(setup), args.mlx_lm_server))
+        for server, levels in servers:
+            try:
+                entry["servers"].append(serve_and_sweep(server, levels, args.max_tokens, bias))
+            except Exception as exc:  # noqa: BLE001 - a server that fails is recorded, the rest still run
+                entry["servers"].append({"server": server.name, "error": f"{type(exc).__name__}: {exc}",
+                                         "log_tail": server.log_tail()})
+                print(f"  {server.name}: {exc}", flush=True)
+            args.out.write_text(json.dumps(report, indent=1))
+    print(table(report))
+    return 0
+
+
+def table(report: dict[str, Any]) -> str:
+    """Markdown: per checkpoint and server, tok/s (TPOT ms) at each level; one client vs mlx-lm's loop."""
+    lines = ["| checkpoint | server | " + " | ".join(f"c={c}" for c in _levels(report)) + " | c=1 / mlx-lm loop |",
+             "| --- | --- | " + " | ".join("---" for _ in _levels(report)) + " | --- |"]
+    for entry in report["checkpoints"]:
+        loop = entry["mlx_lm_loop"]["tok_s"]
+        lines.append(f"| {entry['checkpoint']} | mlx-lm loop | {loop:.0f} | " + " | ".join(
+            "" for _ in _levels(report)[1:]) + " | 1.00 |")
+        for s in entry["servers"]:
+            by = {r["concurrency"]: r for r in s.get("levels", [])}
+            cells = [f"{by[c]['output_throughput']:.0f} ({by[c]['mean_tpot_ms']:.1f})" if c in by else ""
+                     for c in _levels(report)]
+            one = f"{by[1]['output_throughput'] / loop:.2f}" if 1 in by else ""
+            lines.append(f"| {entry['checkpoint']} | {s['server']} | " + " | ".join(cells) + f" | {one} |")
+    return "\n".join(lines)
+
+
+def _levels(report: dict[str, Any]) -> list[int]:
+    return sorted({r["concurrency"] for e in report["checkpoints"] for s in e["servers"]
+                   for r in s.get("levels", [])}) or [1]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
