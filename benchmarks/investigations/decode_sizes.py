@@ -84,7 +84,8 @@ class Plugin(Server):
         s = self.setup
         return vllm_serve_command(s.hf, self.port, [
             "--served-model-name", SERVED_NAME, "--dtype", "bfloat16", "--max-model-len", str(s.max_model_len),
-            "--max-num-seqs", str(s.max_num_seqs), "--seed", "0", "--no-enable-prefix-caching"])
+            "--max-num-seqs", str(s.max_num_seqs), "--seed", "0", "--no-enable-prefix-caching",
+            "--kv-cache-memory-bytes", str(int(s.kv_cache_gib * 2**30))])
 
     def env(self) -> dict[str, str]:
         return {"VLLM_MLX_DEVICE": self.setup.device, "VLLM_METAL_ONE_STEP_AHEAD": self.one_step_ahead}
@@ -125,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--mlx-lm-tokens", type=int, default=256)
     ap.add_argument("--device", choices=("cpu", "gpu"), default="gpu")
+    ap.add_argument("--kv-cache-gib", type=float, default=16.0,
+                    help="the plugin's KV cache (this process and mlx-lm's hold device memory too)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--checkpoint-dir", type=Path, default=Path("/tmp/vllm-metal-sizes"))
     ap.add_argument("--out", type=Path, default=Path("/tmp/vllm-metal-bench/decode_sizes.json"))
@@ -134,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
                               "command": " ".join(sys.argv), "bandwidth_gbs": bandwidth_gbs(), "checkpoints": []}
     for name in args.checkpoints:
         path = checkpoint(args.checkpoint_dir, name, args.seed)
+        import mlx.core as mx
+
+        mx.clear_cache()  # the checkpoint was built on the device; leave its memory to the servers
         loop = mlx_lm_loop(path, args.mlx_lm_tokens)
         ceiling = report["bandwidth_gbs"] * 1e9 / loop["weight_bytes"]
         entry: dict[str, Any] = {"checkpoint": name, "shape": SHAPES[CHECKPOINTS[name][0]], "mlx_lm_loop": loop,
@@ -143,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{ceiling:.0f}, {loop['weight_bytes'] / 2**30:.2f} GiB)", flush=True)
         report["checkpoints"].append(entry)
         setup = Setup(hf=path, mlx=path, gguf=None, device=args.device, max_model_len=2048,
-                      max_num_seqs=max(args.concurrency), kv_cache_gib=0, log_dir=args.out.parent / "logs")
+                      max_num_seqs=max(args.concurrency), kv_cache_gib=args.kv_cache_gib, log_dir=args.out.parent / "logs")
         bias = eos_logit_bias(path)
         servers: list[tuple[Server, list[int]]] = [(Plugin(setup, o), args.concurrency) for o in args.one_step_ahead]
         if args.mlx_lm_server:
