@@ -61,7 +61,9 @@ def test_prefix_cache_hit_keeps_tokens(server, prompts, sequential):
 @pytest.fixture(scope="module")
 def squeezed(models):
     """Chunked prefill (64-token steps) and a KV budget of 40 blocks, so 16 concurrent requests
-    must be preempted; multiprocess executor with async scheduling, to cover that path too.
+    must be preempted; multiprocess executor with async scheduling, to cover that path too, and
+    one step ahead (device sampling; ``auto`` turns it on only on a GPU) beside the structured
+    requests the host samples.
 
     `--no-scheduler-reserve-full-isl` admits a request once its first chunk fits (vLLM 0.32's
     default waits until the whole prompt fits, which leaves only decode growth to preempt, and at
@@ -74,6 +76,7 @@ def squeezed(models):
          "--max-num-batched-tokens", "64", "--kv-cache-memory-bytes", str(40 * block_bytes),
          "--distributed-executor-backend", "mp", "--async-scheduling", "--no-enable-prefix-caching",
          "--no-scheduler-reserve-full-isl"],
+        env={"VLLM_METAL_ONE_STEP_AHEAD": "1"},
         name="squeezed",
     )
     yield srv

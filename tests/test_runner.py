@@ -133,7 +133,17 @@ def test_one_sequence_on_scattered_blocks(runner, models):
     runner_step(runner, finished=["h"], scheduled={})
 
 
-def test_next_step_runs_before_this_steps_output_is_read(runner, models):
+@pytest.fixture(scope="module")
+def ahead_runner(models):
+    """A runner with one step ahead on (VLLM_METAL_ONE_STEP_AHEAD=1; ``auto`` leaves it off on MLX's CPU)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLLM_METAL_ONE_STEP_AHEAD", "1")
+        worker = metal_worker(models.hf, dtype="float32", max_model_len=512, num_blocks=64, block_size=BLOCK)
+    yield worker
+    worker.shutdown()
+
+
+def test_next_step_runs_before_this_steps_output_is_read(ahead_runner, models):
     """Under vLLM's async scheduling the engine executes step N+1 before it reads step N's output,
     and the runner is not told step N's token: greedy steps come back as
     ``AsyncModelRunnerOutput`` (sampled on the device; the next step takes the token from there),
@@ -142,12 +152,12 @@ def test_next_step_runs_before_this_steps_output_is_read(runner, models):
     ids, other = prompt_ids(models.hf)[3], prompt_ids(models.hf)[0]
     n, m = len(ids), len(other)
     want, want_other = mlx_greedy(models.mlx, ids, 6), mlx_greedy(models.mlx, other, 3)
-    launched = [runner_launch(runner, new=[_new("a", ids, [1, 2])], scheduled={"a": n})]
+    launched = [runner_launch(ahead_runner, new=[_new("a", ids, [1, 2])], scheduled={"a": n})]
     for k in range(3):  # decode positions n .. n+2, each launched before the previous is read
-        launched.append(runner_launch(runner, cached=_cached("a", n + k, num_output=k + 1), scheduled={"a": 1}))
+        launched.append(runner_launch(ahead_runner, cached=_cached("a", n + k, num_output=k + 1), scheduled={"a": 1}))
         assert isinstance(launched[-2], AsyncModelRunnerOutput)
     # "b" wants logprobs: that step is sampled by vLLM's Sampler once the device tokens are in
-    both = runner_launch(runner, new=[_new("b", other, [20], logprobs=1)], cached=_cached("a", n + 3, num_output=4),
+    both = runner_launch(ahead_runner, new=[_new("b", other, [20], logprobs=1)], cached=_cached("a", n + 3, num_output=4),
                          scheduled={"a": 1, "b": m})
     assert isinstance(both, ModelRunnerOutput)
     outs = [o.get_output() for o in launched] + [both]
@@ -156,8 +166,8 @@ def test_next_step_runs_before_this_steps_output_is_read(runner, models):
     assert both.sampled_token_ids[b_row] == want_other[:1]
     assert both.logprobs.sampled_token_ranks[b_row] == 1  # the greedy token is the most likely
     # back on the device once "b" is gone; its step reads a's host-sampled token
-    last = runner_launch(runner, cached=_cached("a", n + 4, num_output=5), scheduled={"a": 1}, finished=["b"])
+    last = runner_launch(ahead_runner, cached=_cached("a", n + 4, num_output=5), scheduled={"a": 1}, finished=["b"])
     assert isinstance(last, AsyncModelRunnerOutput)
     got += last.get_output().sampled_token_ids[0]
     assert got == want
-    runner_step(runner, finished=["a"], scheduled={})
+    runner_step(ahead_runner, finished=["a"], scheduled={})

@@ -47,7 +47,7 @@ from vllm.v1.worker.gpu_input_batch import CachedRequestState, InputBatch
 from vllm_metal import envs
 from vllm_metal.attention import attention_limits
 from vllm_metal.bridge import mlx_to_torch
-from vllm_metal.device import EvalTimer, device_memory_bytes
+from vllm_metal.device import EvalTimer, device_memory_bytes, on_gpu
 from vllm_metal.kv_backend import KVBackend, StepBatch
 from vllm_metal.loader import LoadedModel, load, resolve_model_dir
 from vllm_metal.mlx_cache import MlxManagedBackend
@@ -162,7 +162,7 @@ class MetalModelRunner:
         self._last_step_end = 0.0  # VLLM_METAL_DEBUG step timing
         # One step ahead: tokens sampled on the device that the host does not hold yet. vLLM's
         # multiprocess executor reads outputs on another thread, hence the lock.
-        self.one_step_ahead = self.envs.one_step_ahead
+        self.one_step_ahead = self.envs.one_step_ahead == "1" or (self.envs.one_step_ahead == "auto" and on_gpu())
         self._lock = threading.RLock()
         self._late: dict[str, tuple[int, mx.array, int]] = {}  # req_id -> (position, ids, row)
         self._unresolved: list[DeviceSampledOutput] = []
