@@ -13,7 +13,8 @@ Per checkpoint: mlx-lm's own decode loop (``generate_step``, one stream, in a su
 fraction of the device's copy bandwidth / weight bytes; then ``vllm serve --dtype bfloat16`` once
 per ``--one-step-ahead`` setting (VLLM_METAL_ONE_STEP_AHEAD) and, with ``--mlx-lm-server``,
 mlx_lm.server, each driven by ``benchmarks.load`` at every concurrency level: 2 x C streamed
-chat requests from the sweep's prompt set (at least 4), ``max_tokens`` output tokens each (special
+chat requests from the sweep's prompt set (at least 4; after C untimed 8-token requests, so
+first-use kernel compilation for that batch size is not timed), ``max_tokens`` output tokens each (special
 tokens suppressed by ``logit_bias``, which both servers honour), greedy. Reported: output tok/s,
 mean TTFT and TPOT, failures. The JSON (``--out``) is rewritten after every server.
 """
@@ -91,10 +92,16 @@ class Plugin(Server):
         return {"VLLM_MLX_DEVICE": self.setup.device, "VLLM_METAL_ONE_STEP_AHEAD": self.one_step_ahead}
 
 
-def sweep(server: Server, levels: list[int], max_tokens: int, bias: dict[str, float]) -> list[dict[str, Any]]:
+def sweep(server: Server, levels: list[int], max_tokens: int, bias: dict[str, float],
+          warm_up: bool = True) -> list[dict[str, Any]]:
+    """Each level: with ``warm_up``, first C short requests at once (MLX compiles kernels for a
+    batch shape the first time it runs; that belongs to no level's figures), then the timed ones."""
     prompts = sweep_prompts()
     rows = []
     for c in levels:
+        if warm_up:
+            asyncio.run(run_clients(server.base_url, server.model_id, prompts[:c], 8, c, bias,
+                                    count_tokens=lambda text: 0))
         n = max(4, 2 * c)
         batch = [prompts[i % len(prompts)] for i in range(n)]
         results, wall = asyncio.run(run_clients(server.base_url, server.model_id, batch, max_tokens, c, bias,
@@ -109,7 +116,7 @@ def sweep(server: Server, levels: list[int], max_tokens: int, bias: dict[str, fl
 def serve_and_sweep(server: Server, levels: list[int], max_tokens: int, bias: dict[str, float]) -> dict[str, Any]:
     server.start(timeout=900)
     try:
-        sweep(server, [1], max_tokens, bias)  # warm-up: kernels compile, buffers settle
+        sweep(server, [1], max_tokens, bias, warm_up=False)  # the first requests: buffers settle
         return {"server": server.name, "levels": sweep(server, levels, max_tokens, bias)}
     finally:
         server.stop()
