@@ -76,7 +76,7 @@ def squeezed(models):
          "--max-num-batched-tokens", "64", "--kv-cache-memory-bytes", str(40 * block_bytes),
          "--distributed-executor-backend", "mp", "--async-scheduling", "--no-enable-prefix-caching",
          "--no-scheduler-reserve-full-isl"],
-        env={"VLLM_METAL_ONE_STEP_AHEAD": "1"},
+        env={"VLLM_METAL_ONE_STEP_AHEAD": "1", "VLLM_METAL_DEBUG": "1"},
         name="squeezed",
     )
     yield srv
@@ -106,6 +106,11 @@ def test_chunked_prefill_and_preemption_keep_tokens(squeezed, prompts, sequentia
         assert _schema_violation(schema, choice, usage) is None
     preemptions = squeezed.metrics().get("vllm:num_preemptions_total", 0.0)
     assert preemptions > 0, "the KV budget was meant to force preemption"
+    # The greedy requests were sampled on the device, the constrained ones by vLLM's Sampler
+    # (VLLM_METAL_DEBUG's step records say which).
+    records = [r for r in map(StepRecord.from_log, squeezed.log_path.read_text().splitlines()) if r is not None]
+    assert any(r.on_device for r in records), "no step was sampled on the device"
+    assert any(not r.on_device and r.decode for r in records), "no decode step was sampled on the host"
 
 
 def test_4bit_checkpoint_matches_mlx_lm(models, prompts):

@@ -115,3 +115,13 @@ def test_what_the_device_sampler_leaves_to_vllm(field):
     assert host_reason(params) is None
     setattr(params, field, values[field])
     assert host_reason(params) == field
+
+
+@pytest.mark.parametrize("field, value", [("watermarking", False), ("bad_words", []),
+                                          ("allowed_token_ids", []), ("logprob_token_ids", [])])
+def test_fields_resolved_to_off_stay_on_the_device(field, value):
+    """vLLM's input processor fills fields in before the runner sees a request (``watermarking``
+    becomes False on an engine without a watermark): "off" is not a reason to leave the device."""
+    params = SamplingParams(temperature=0.7, top_p=0.9)
+    setattr(params, field, value)
+    assert host_reason(params) is None

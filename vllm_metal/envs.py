@@ -170,10 +170,10 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "`sample_ms`; `outside_ms`: the engine's own work between steps)."),
     EnvVar("VLLM_METAL_ONE_STEP_AHEAD", "auto", _choice("auto", "1", "0"),
            "`auto`: on where MLX computes on a GPU, off on MLX's CPU backend (there the host and "
-           "the computation share the cores, and it measured 5-10% slower). `1`: a step whose requests use only greedy, temperature, top-k, top-p or min-p "
-           "sampling is sampled in MLX on the device and returned to vLLM one step later, so the "
+           "the computation share the cores, and it measured 5-10% slower). `1`: a step whose requests use only greedy, temperature, top-k, top-p, min-p "
+           "or logit bias is sampled in MLX on the device and returned to vLLM one step later, so the "
            "host schedules and records the next step while the device computes this one (needs "
-           "vLLM's async scheduling, its default). Other steps (penalties, logit bias, seeds, "
+           "vLLM's async scheduling, its default). Other steps (penalties, seeds, "
            "logprobs, structured output...) are sampled by vLLM's Sampler on the host, after the "
            "device is done. `0`: every step is sampled on the host, synchronously."),
     EnvVar("VLLM_USE_MODELSCOPE", "False", _vllm_bool,

@@ -6,13 +6,13 @@ from ``loader.py``, the cache behind the ``KVBackend`` interface (``paged.py``, 
 ``mlx_cache.py`` with VLLM_METAL_USE_PAGED_ATTENTION=0).
 
 Sampling takes one of two paths per step. Where every request of the step asks only for what
-``sampling.py`` does on the device (greedy, temperature, top-k/p, min-p), the step is sampled in
+``sampling.py`` does on the device (greedy, temperature, top-k/p, min-p, logit bias), the step is sampled in
 MLX and nothing waits for the device (one step ahead, VLLM_METAL_ONE_STEP_AHEAD):
 ``sample_tokens`` returns a ``DeviceSampledOutput`` at once, with the token ids still being
 computed; the runner holds a placeholder (``PLACEHOLDER``) in their place, the next step's forward
 reads them from the device array as its input ids, and vLLM's engine, which schedules that next
 step meanwhile, reads them later through ``get_output``. Otherwise the step is sampled by vLLM's
-``Sampler`` on the host (penalties, logit bias, seeds, logprobs, grammars: ``sampling.host_reason``),
+``Sampler`` on the host (penalties, seeds, logprobs, grammars: ``sampling.host_reason``),
 after the runner has waited for every token still on the device.
 """
 

@@ -37,8 +37,10 @@ def host_reason(params: SamplingParams) -> str | None:
     """The first field of ``params`` the device sampler does not apply, or None."""
     for name in HOST_FIELDS:
         value, default = getattr(params, name, None), getattr(_DEFAULTS, name, None)
-        empty = isinstance(value, (list, dict, set, tuple)) and not value  # as good as unset
-        if value != default and not (default is None and empty):
+        # Unset: the default, or "off" where the default is None (vLLM's input processor resolves
+        # ``watermarking`` to False on an engine without a watermark; an empty list asks for nothing).
+        off = value is False or (isinstance(value, (list, dict, set, tuple)) and not value)
+        if value != default and not (default is None and off):
             return name
     return None
 
