@@ -89,3 +89,13 @@ def mlx_greedy(mlx_dir: Path, ids: list[int], n: int) -> list[int]:
     for token, _ in generate_step(mx.array(ids), model, max_tokens=n):
         out.append(int(token))
     return out
+
+
+def hf_embedding(hf_dir: Path, ids: list[int]) -> list[float]:
+    """HF transformers fp32: the last token's final (normed) hidden state, L2-normalised, which is
+    vLLM's embedding of a causal LM under ``--runner pooling`` (last-token pooling, normalize)."""
+    import torch
+
+    with torch.no_grad():
+        hidden = _hf_model(hf_dir).model(torch.tensor([ids])).last_hidden_state[0, -1]
+    return torch.nn.functional.normalize(hidden, dim=-1).tolist()

@@ -138,6 +138,7 @@ def test_gguf_dtype_auto_is_float32_on_mlx_cpu(models):
         ({"kv_cache_dtype": "fp8"}, "--kv-cache-dtype"),
         ({"enable_lora": True}, "--enable-lora"),
         ({"enable_prompt_embeds": True}, "--enable-prompt-embeds"),
+        ({"runner": "pooling", "convert": "classify"}, "--convert classify"),
     ],
 )
 def test_unsupported_configs_are_refused_naming_the_flag(models, kwargs, flag):

@@ -32,21 +32,34 @@ class LoadedModel:
     row_select: RowSelect | None  # the final norm, applied only to the rows that need logits
     dtype: mx.Dtype
     weight_bytes: int
+    head: bool = True  # False (pooling runners): ``logits`` returns the final hidden states instead
 
     def logits(self, tokens: mx.array, caches: list, rows: mx.array | None) -> mx.array:
         """Logits ``(len(rows), vocab)`` of a packed batch ``(T,)`` of one-token rows, or of one
-        sequence ``(1, n)``; ``rows=None``: every position."""
+        sequence ``(1, n)``; ``rows=None``: every position. Without ``head``: the final (normed)
+        hidden states ``(len(rows), hidden)`` of those rows."""
         x = tokens[:, None] if tokens.ndim == 1 else tokens
         if self.row_select is None:
             out = self.model(x, cache=caches)
             out = out.reshape(-1, out.shape[-1])
             return out if rows is None else out[rows]
-        self.row_select.rows = rows
+        self.row_select.rows, self.row_select.keep = rows, not self.head
         try:
             out = self.model(x, cache=caches)
+            if not self.head:
+                out = self.row_select.kept
         finally:
-            self.row_select.rows = None
+            self.row_select.rows, self.row_select.keep, self.row_select.kept = None, False, None
         return out.reshape(-1, out.shape[-1])
+
+    def without_head(self) -> None:
+        """Make ``logits`` return final hidden states (a pooling runner's input)."""
+        if self.row_select is None:
+            raise UnsupportedModelError(
+                f"{type(self.model).__module__}: no final norm found where mlx-lm models keep it, "
+                "so its final hidden states cannot be taken for pooling (--runner pooling)."
+            )
+        self.head = False
 
 
 def resolve_model_dir(model: str) -> Path:

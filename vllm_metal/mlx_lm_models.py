@@ -241,18 +241,26 @@ def _attention_module(layer: nn.Module) -> nn.Module:
 
 
 class RowSelect(nn.Module):
-    """Wraps a model's final norm: applies it only to ``rows`` of the packed hidden states."""
+    """Wraps a model's final norm: applies it only to ``rows`` of the packed hidden states.
+
+    With ``keep`` set, the normed rows are also kept in ``kept``: the final hidden states a
+    pooling runner wants (the LM head after it is recorded but never evaluated)."""
 
     def __init__(self, norm: nn.Module):
         super().__init__()
         self.inner = norm
         self.rows: mx.array | None = None
+        self.keep = False
+        self.kept: mx.array | None = None
 
     def __call__(self, x: mx.array) -> mx.array:
         # Packed (T, 1, H) batches select along axis 0; one (1, n, H) sequence along axis 1.
         if self.rows is not None:
             x = x[self.rows] if x.shape[0] > 1 or x.shape[1] == 1 else x[:, self.rows]
-        return self.inner(x)
+        out = self.inner(x)
+        if self.keep:
+            self.kept = out
+        return out
 
 
 def _rows_as_one_matrix(x: mx.array, product) -> mx.array:

@@ -53,6 +53,7 @@ from vllm_metal.loader import LoadedModel, load, resolve_model_dir
 from vllm_metal.mlx_cache import MlxManagedBackend
 from vllm_metal.mlx_lm_models import UnsupportedModelError
 from vllm_metal.paged import PagedBackend
+from vllm_metal.pooling import Pooling
 from vllm_metal.sampling import RowParams, host_reason, sample
 from vllm_metal.scheduler import FailedStep, MetalAsyncScheduler, MetalScheduler
 
@@ -152,6 +153,8 @@ class MetalModelRunner:
         self.requests: dict[str, CachedRequestState] = {}
         self.num_prompt_logprobs: dict[str, int] = {}
         self.sampler = Sampler(logprobs_mode=self.model_config.logprobs_mode)
+        # --runner pooling: embeddings from the final hidden states instead of sampled tokens
+        self.pooling = Pooling(self.model_config) if self.model_config.runner_type == "pooling" else None
         self.input_batch = self._new_input_batch(
             build_logitsprocs(vllm_config, self.device, False, False, ())
         )
@@ -179,13 +182,15 @@ class MetalModelRunner:
             block_sizes=[self.block_size],
             max_num_blocks_per_req=[-(-self.max_model_len // self.block_size)],
             logitsprocs=logitsprocs,
-            is_pooling_model=False,
+            is_pooling_model=self.pooling is not None,
         )
 
     # ----------------------------------------------------------------- model and KV cache
     def load_model(self) -> None:
         path = resolve_model_dir(self.model_config.model)
         self.loaded = load(path, self.model_config.dtype, self.model_config.trust_remote_code)
+        if self.pooling is not None:
+            self.loaded.without_head()
         self.kv = self._new_backend()
 
     def _new_backend(self) -> KVBackend:
@@ -275,12 +280,15 @@ class MetalModelRunner:
 
         to_add: list[CachedRequestState] = []
         for new in scheduler_output.scheduled_new_reqs:
-            params = new.sampling_params
-            if params is None or new.prompt_token_ids is None:
-                raise ValueError("vllm-metal runs generation on token ids only (no pooling, no "
-                                 "prompt embeddings); both are refused at startup.")
+            params, pooling = new.sampling_params, new.pooling_params
+            if new.prompt_token_ids is None or (params is None) == (pooling is None) or (
+                    (pooling is None) != (self.pooling is None)):
+                raise ValueError("vllm-metal takes token ids (no prompt embeddings), sampled by a "
+                                 "generating runner or pooled by a pooling runner.")
+            if pooling is not None:
+                self.pooling.prepare(pooling)
             generator = None
-            if params.sampling_type == SamplingType.RANDOM_SEED:
+            if params is not None and params.sampling_type == SamplingType.RANDOM_SEED:
                 generator = torch.Generator(device="cpu")
                 generator.manual_seed(params.seed)
             state = CachedRequestState(
@@ -289,6 +297,7 @@ class MetalModelRunner:
                 prompt_embeds=new.prompt_embeds,
                 mm_features=new.mm_features,
                 sampling_params=params,
+                pooling_params=pooling,
                 generator=generator,
                 block_ids=new.block_ids,
                 num_computed_tokens=new.num_computed_tokens,
@@ -296,9 +305,10 @@ class MetalModelRunner:
                 lora_request=new.lora_request,
             )
             self.requests[new.req_id] = state
-            if (reason := host_reason(params) or self._custom_logitsprocs) is not None:
+            reason = None if params is None else host_reason(params) or self._custom_logitsprocs
+            if reason is not None:
                 self._host_sampled[new.req_id] = reason
-            if params.prompt_logprobs is not None:
+            if params is not None and params.prompt_logprobs is not None:
                 self.num_prompt_logprobs[new.req_id] = (
                     self.vocab_size if params.prompt_logprobs == -1 else params.prompt_logprobs
                 )
@@ -371,8 +381,15 @@ class MetalModelRunner:
             launch_ms=self.evaluate.launch_s * 1e3, wait_ms=self.evaluate.wait_s * 1e3,
             moved_blocks=self.kv.moved_blocks - moved_before,
         )
-        self._pending = _PendingStep(scheduler_output, logits, partial, step.prompt_rows(), started, record)
-        return None
+        pending = _PendingStep(scheduler_output, logits, partial, step.prompt_rows(), started, record)
+        if self.pooling is None:
+            self._pending = pending
+            return None
+        pooled = time.perf_counter()  # logits are every scheduled position's hidden state, after a row per request
+        output = self.pooling.output(self.input_batch, step.lens, step.starts, logits[len(step.req_ids):])
+        if self.debug:
+            self._log_step(pending, pooled)  # sample_ms: the pooling
+        return output
 
     def _step_batch(self, scheduler_output: SchedulerOutput) -> StepBatch:
         """The step's work in batch order, from the input batch the update just brought current."""
@@ -396,7 +413,7 @@ class MetalModelRunner:
             step.starts.append(start)
             step.histories.append(batch.token_ids_cpu[i, : start + n])
             step.tables.append(table.block_table.np[i, : table.num_blocks_per_row[i]])
-            step.all_rows.append(req_id in self.num_prompt_logprobs)
+            step.all_rows.append(req_id in self.num_prompt_logprobs or self.pooling is not None)
             step.prompt_lens.append(int(batch.num_prompt_tokens[i]))
         if late:
             parts = list(late.values())

@@ -155,8 +155,13 @@ class MetalPlatform(Platform):
         if vllm_config.lora_config is not None:
             refuse.append("LoRA (--enable-lora) is not supported")
         model_config = vllm_config.model_config
-        if model_config is not None and model_config.runner_type != "generate":
-            refuse.append(f"--runner {model_config.runner_type} is not supported; only generation")
+        if model_config is not None and model_config.runner_type == "pooling":
+            if model_config.convert_type != "embed":
+                refuse.append(f"--runner pooling serves embeddings only (--convert embed, the default for a "
+                              f"*ForCausalLM checkpoint), not --convert {model_config.convert_type}")
+        elif model_config is not None and model_config.runner_type != "generate":
+            refuse.append(f"--runner {model_config.runner_type} is not supported; only generation and "
+                          "embeddings (--runner pooling)")
         if model_config is not None and model_config.enable_prompt_embeds:
             refuse.append("--enable-prompt-embeds is not supported (the MLX model takes token ids)")
         if vllm_config.kv_transfer_config is not None:

@@ -179,7 +179,8 @@ class MetalWorker(WorkerBase):
         return self.model_runner.kv_bytes_per_block()
 
     def get_supported_tasks(self) -> tuple[str, ...]:
-        return ("generate",)
+        pooling = self.model_runner.pooling
+        return ("generate",) if pooling is None else pooling.supported_tasks()
 
     def execute_model(self, scheduler_output):
         return self.model_runner.execute_model(scheduler_output)
