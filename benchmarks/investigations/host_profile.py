@@ -1,7 +1,7 @@
 """Where a single-stream decode step's host time goes: vLLM's engine and the plugin under cProfile.
 
     python -m benchmarks.investigations.host_profile [--checkpoint llama-1b] [--tokens 256]
-        [--one-step-ahead 1] [--device gpu] [--top 45] [--checkpoint-dir DIR] [--out profile.json]
+        [--model DIR] [--one-step-ahead 1] [--device gpu] [--top 45] [--checkpoint-dir DIR] [--out profile.json]
 
 One process, no server: vLLM's offline ``LLM`` with ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, so the
 engine core (scheduler, the plugin's worker and runner, the output processor) runs in this thread
@@ -11,7 +11,9 @@ to compare with mlx-lm's loop) and once under it. The report lists the functions
 time and the most cumulative time, per output token, so the plugin's share (``vllm_metal/``) and
 vLLM's (scheduler, input batch, output processing) can be read side by side. cProfile adds
 overhead per Python call, so read shares, not absolute times. Checkpoints as ``decode_sizes``
-builds them (``tiny`` runs on a CPU in seconds).
+builds them (``tiny`` runs on a CPU in seconds), or ``--model DIR``. On MLX's CPU backend this
+process imports MLX before the plugin could pick OpenBLAS for it, so CPU step times here are
+slower than served ones; the host-side shares still hold.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ def _by_package(stats: pstats.Stats, tokens: int) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", default="llama-1b", choices=sorted(CHECKPOINTS))
+    parser.add_argument("--model", type=Path, help="a checkpoint directory instead (e.g. the bundled model)")
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--one-step-ahead", default="1", choices=("auto", "1", "0"))
     parser.add_argument("--device", default="gpu", choices=("cpu", "gpu"))
@@ -72,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
                        "VLLM_METAL_ONE_STEP_AHEAD": args.one_step_ahead})
     from vllm import LLM, SamplingParams
 
-    model = checkpoint(args.checkpoint_dir, args.checkpoint, seed=0)
+    model = args.model or checkpoint(args.checkpoint_dir, args.checkpoint, seed=0)
+    name = args.model.name if args.model else args.checkpoint
     dtype = "bfloat16" if args.device == "gpu" else "float32"
     llm = LLM(model=str(model), dtype=dtype, kv_cache_memory_bytes=2 << 30, max_num_seqs=8,
               max_model_len=2048, enable_prefix_caching=False)
@@ -94,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     stats = pstats.Stats(profiler, stream=io.StringIO())
     n = args.tokens
     report = {
-        "checkpoint": args.checkpoint, "device": args.device, "dtype": dtype,
+        "checkpoint": name, "device": args.device, "dtype": dtype,
         "one_step_ahead": args.one_step_ahead, "tokens": n,
         "ms_per_token": round(1e3 * wall / n, 3), "ms_per_token_profiled": round(1e3 * profiled_wall / n, 3),
         "same_tokens_both_runs": same,
@@ -102,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         "top_own": _rows(stats, "tottime", args.top, n),
         "top_cumulative": _rows(stats, "cumtime", args.top, n),
     }
-    print(f"{args.checkpoint} {dtype} on {args.device}, one step ahead {args.one_step_ahead}: "
+    print(f"{name} {dtype} on {args.device}, one step ahead {args.one_step_ahead}: "
           f"{report['ms_per_token']} ms/token ({report['ms_per_token_profiled']} profiled), same tokens {same}")
     print("own time per token by package (us):")
     for k, v in report["own_time_by_package_us"].items():
