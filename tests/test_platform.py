@@ -146,6 +146,19 @@ def test_unsupported_configs_are_refused_naming_the_flag(models, kwargs, flag):
         _engine_config(models, **kwargs)
 
 
+def test_speculative_decoding_other_than_ngram_is_refused(models):
+    draft = {"method": "draft_model", "model": str(models.hf), "num_speculative_tokens": 2}
+    with pytest.raises(Exception, match="'draft_model'.*only n-gram drafts"):
+        _engine_config(models, speculative_config=draft)
+
+
+def test_ngram_drafts_need_the_paged_cache(models, monkeypatch):
+    monkeypatch.setenv("VLLM_METAL_USE_PAGED_ATTENTION", "0")
+    ngram = {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3}
+    with pytest.raises(Exception, match="VLLM_METAL_USE_PAGED_ATTENTION=1"):
+        _engine_config(models, speculative_config=ngram)
+
+
 @pytest.mark.parametrize(
     ("env", "needle"),
     [

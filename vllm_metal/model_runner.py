@@ -56,6 +56,7 @@ from vllm_metal.paged import PagedBackend
 from vllm_metal.pooling import Pooling
 from vllm_metal.sampling import RowParams, host_reason, sample
 from vllm_metal.scheduler import FailedStep, MetalAsyncScheduler, MetalScheduler
+from vllm_metal.speculative import NgramSpeculation, first_rows, scheduled_drafts
 
 logger = init_logger("vllm.metal")
 
@@ -155,6 +156,8 @@ class MetalModelRunner:
         self.sampler = Sampler(logprobs_mode=self.model_config.logprobs_mode)
         # --runner pooling: embeddings from the final hidden states instead of sampled tokens
         self.pooling = Pooling(self.model_config) if self.model_config.runner_type == "pooling" else None
+        # --speculative-config ngram: drafts verified in the packed forward, several tokens a step
+        self.speculation = NgramSpeculation(vllm_config) if vllm_config.speculative_config is not None else None
         self.input_batch = self._new_input_batch(
             build_logitsprocs(vllm_config, self.device, False, False, ())
         )
@@ -165,7 +168,8 @@ class MetalModelRunner:
         self._last_step_end = 0.0  # VLLM_METAL_DEBUG step timing
         # One step ahead: tokens sampled on the device that the host does not hold yet. vLLM's
         # multiprocess executor reads outputs on another thread, hence the lock.
-        self.one_step_ahead = self.envs.one_step_ahead == "1" or (self.envs.one_step_ahead == "auto" and on_gpu())
+        self.one_step_ahead = self.speculation is None and (
+            self.envs.one_step_ahead == "1" or (self.envs.one_step_ahead == "auto" and on_gpu()))
         self._lock = threading.RLock()
         self._late: dict[str, tuple[int, mx.array, int]] = {}  # req_id -> (position, ids, row)
         self._unresolved: list[DeviceSampledOutput] = []
@@ -183,6 +187,7 @@ class MetalModelRunner:
             max_num_blocks_per_req=[-(-self.max_model_len // self.block_size)],
             logitsprocs=logitsprocs,
             is_pooling_model=self.pooling is not None,
+            num_spec_tokens=0 if self.speculation is None else self.speculation.k,
         )
 
     # ----------------------------------------------------------------- model and KV cache
@@ -343,6 +348,9 @@ class MetalModelRunner:
             batch.add_request(state)
         batch.condense()
         batch.refresh_metadata()
+        if self.speculation is not None:  # drafts go in the token history after the next token
+            for req_id in batch.req_ids:
+                batch.update_req_spec_token_ids(self.requests[req_id], scheduler_output.scheduled_spec_decode_tokens)
         self.kv.keep_only(set(batch.req_ids))  # preempted and finished requests free their caches
 
     # ----------------------------------------------------------------- one step
@@ -401,7 +409,8 @@ class MetalModelRunner:
         for i, req_id in enumerate(batch.req_ids):
             n = scheduler_output.num_scheduled_tokens[req_id]
             start = int(batch.num_computed_tokens_cpu[i])
-            if start + n > batch.num_tokens_no_spec[i]:
+            drafts = len(batch.spec_token_ids[i])
+            if start + n > batch.num_tokens_no_spec[i] + drafts:
                 raise self._history_error(scheduler_output, req_id, start, n)
             if (held := self._late.get(req_id)) is not None and start <= held[0] < start + n:
                 ids, rows, index = late.setdefault(id(held[1]), (held[1], [], []))
@@ -413,7 +422,7 @@ class MetalModelRunner:
             step.starts.append(start)
             step.histories.append(batch.token_ids_cpu[i, : start + n])
             step.tables.append(table.block_table.np[i, : table.num_blocks_per_row[i]])
-            step.all_rows.append(req_id in self.num_prompt_logprobs or self.pooling is not None)
+            step.all_rows.append(req_id in self.num_prompt_logprobs or self.pooling is not None or drafts > 0)
             step.prompt_lens.append(int(batch.num_prompt_tokens[i]))
         if late:
             parts = list(late.values())
@@ -548,6 +557,8 @@ class MetalModelRunner:
                                         error=f"an earlier step failed: {error}")
         self._unresolved.clear()
         self._late.clear()
+        if self.speculation is not None:
+            self.speculation.take()  # drafts for requests that are gone
         if self.loaded.row_select is not None:
             self.loaded.row_select.rows = None
         batch = self.input_batch
@@ -567,11 +578,19 @@ class MetalModelRunner:
         batch = self.input_batch
         n = len(pending.partial)
         logits = mlx_to_torch(pending.logits.astype(mx.float32))
-        sample_logits = logits[:n].clone()
+        drafts = scheduled_drafts(batch) if self.speculation is not None else [[]] * n
+        if any(drafts):  # vLLM's layout: per request its next token's row, then one per draft
+            rows = [range(pending.prompt_rows[r][0], pending.prompt_rows[r][0] + len(d) + 1) if d else [i]
+                    for i, (r, d) in enumerate(zip(batch.req_ids, drafts, strict=True))]
+            step_logits = logits[torch.tensor([j for r in rows for j in r])]
+        else:
+            step_logits = logits[:n].clone()
         if grammar_output is not None:
             from vllm.v1.structured_output.utils import apply_grammar_bitmask
 
-            apply_grammar_bitmask(pending.scheduler_output, grammar_output, batch, sample_logits)
+            apply_grammar_bitmask(pending.scheduler_output, grammar_output, batch, step_logits)
+        first = first_rows([len(d) + 1 for d in drafts])
+        sample_logits = step_logits if not any(drafts) else step_logits[torch.from_numpy(first)]
 
         # A request still prefilling gets no token; keep its seeded generator where it was.
         saved = {
@@ -587,14 +606,19 @@ class MetalModelRunner:
             if pending.partial[i]:
                 sampled_lists.append([])
                 continue
-            token = sampled[i]
-            sampled_lists.append([token])
-            end = int(batch.num_tokens_no_spec[i])
-            if end < self.max_model_len:
-                batch.token_ids_cpu[i, end] = token
-                batch.is_token_ids[i, end] = True
-            batch.num_tokens_no_spec[i] = end + 1
-            self.requests[req_id].output_token_ids.append(token)
+            tokens = [sampled[i]]
+            if drafts[i]:  # only verifiable requests get drafts (speculative.py)
+                tokens = self.speculation.verify(step_logits[first[i]: first[i] + len(drafts[i]) + 1], drafts[i])
+            sampled_lists.append(tokens)
+            for token in tokens:
+                end = int(batch.num_tokens_no_spec[i])
+                if end < self.max_model_len:
+                    batch.token_ids_cpu[i, end] = token
+                    batch.is_token_ids[i, end] = True
+                batch.num_tokens_no_spec[i] = end + 1
+                self.requests[req_id].output_token_ids.append(token)
+        if self.speculation is not None:
+            self.speculation.propose(batch, sampled_lists, [self.requests[r].sampling_params for r in batch.req_ids])
 
         output = ModelRunnerOutput(
             req_ids=list(batch.req_ids),
@@ -627,6 +651,8 @@ class MetalModelRunner:
         """Logprobs of each prompt token given its prefix, gathered chunk by chunk."""
         result: dict[str, LogprobsTensors | None] = {}
         for req_id, (row0, count, start) in prompt_rows.items():
+            if req_id not in self.num_prompt_logprobs:  # rows for drafts, not prompt logprobs
+                continue
             state = self.requests[req_id]
             k = self.num_prompt_logprobs[req_id]
             num_prompt = len(state.prompt_token_ids)

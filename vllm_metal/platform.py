@@ -150,8 +150,13 @@ class MetalPlatform(Platform):
             refuse.append("--pipeline-parallel-size must be 1")
         if parallel.data_parallel_size > 1:
             refuse.append("--data-parallel-size must be 1")
-        if vllm_config.speculative_config is not None:
-            refuse.append("speculative decoding (--speculative-config) is not supported")
+        spec = vllm_config.speculative_config
+        if spec is not None and spec.method != "ngram":
+            refuse.append(f"speculative decoding by {spec.method!r} (--speculative-config) is not supported; "
+                          "only n-gram drafts (\"method\": \"ngram\")")
+        elif spec is not None and not cfg.use_paged_attention:
+            refuse.append("speculative decoding (--speculative-config) needs the paged KV cache "
+                          "(VLLM_METAL_USE_PAGED_ATTENTION=1)")
         if vllm_config.lora_config is not None:
             refuse.append("LoRA (--enable-lora) is not supported")
         model_config = vllm_config.model_config

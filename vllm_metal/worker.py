@@ -188,6 +188,10 @@ class MetalWorker(WorkerBase):
     def sample_tokens(self, grammar_output):
         return self.model_runner.sample_tokens(grammar_output)
 
+    def take_draft_token_ids(self):
+        speculation = self.model_runner.speculation
+        return None if speculation is None else speculation.take()
+
     def execute_dummy_batch(self) -> None:
         self.model_runner.profile_step([1], [0])
 
