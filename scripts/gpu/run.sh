@@ -11,6 +11,8 @@
 #                                # on and off, against mlx-lm's own loop (--mlx-lm-server 1 8: also mlx_lm.server)
 #   scripts/gpu/run.sh profile   # a single stream's host time under cProfile, vLLM's engine and the plugin in one
 #                                # process (llama-1b bf16, one step ahead on; --checkpoint, --one-step-ahead 0)
+#   scripts/gpu/run.sh ngram     # one stream on a code-editing workload, plain vs n-gram speculative decoding
+#                                # (bundled model in bf16; --model DIR for another)
 #   scripts/gpu/run.sh long      # long concurrent prompts (default 16 x 6000 tokens) on a random-weight
 #                                # Llama-3.2-1B-shaped bf16 checkpoint: statuses, peak GPU memory, health after;
 #                                # e.g. long --scenario 16x6000@8192 --scenario 4x30000@32768 [--shape llama-8b]
@@ -31,6 +33,7 @@ case "${1:-tests}" in
   steps)   python3 -m benchmarks.investigations.served_steps --device gpu --out "$out/served_steps.json" "${@:2}" ;;
   sizes)   python3 -m benchmarks.investigations.decode_sizes --out "$out/decode_sizes.json" "${@:2}" ;;
   profile) python3 -m benchmarks.investigations.host_profile --out "$out/host_profile.json" "${@:2}" ;;
+  ngram)   python3 -m benchmarks.investigations.ngram_drafts --device gpu --dtype bfloat16 --out "$out/ngram_drafts.json" "${@:2}" ;;
   long)    python3 -m benchmarks.investigations.long_prompts --out "$out/long_prompts.json" "${@:2}" ;;
-  *) echo "usage: $0 tests|paged|compare|decode|steps|sizes|profile|long [args]"; exit 2 ;;
+  *) echo "usage: $0 tests|paged|compare|decode|steps|sizes|profile|ngram|long [args]"; exit 2 ;;
 esac
