@@ -73,18 +73,19 @@ def hf_greedy(hf_dir: Path, ids: list[int], n: int) -> list[int]:
 
 
 @functools.cache
-def _mlx_model(mlx_dir: Path):
+def _mlx_model(mlx_dir: Path, adapter: Path | None = None):
     from mlx_lm import load
 
-    return load(str(mlx_dir))
+    return load(str(mlx_dir), adapter_path=None if adapter is None else str(adapter))
 
 
-def mlx_greedy(mlx_dir: Path, ids: list[int], n: int) -> list[int]:
-    """mlx-lm greedy continuation of exactly ``n`` tokens (its own generate_step, no EOS stop)."""
+def mlx_greedy(mlx_dir: Path, ids: list[int], n: int, adapter: Path | None = None) -> list[int]:
+    """mlx-lm greedy continuation of exactly ``n`` tokens (its own generate_step, no EOS stop),
+    with an mlx-lm LoRA adapter loaded as mlx-lm loads it where ``adapter`` is given."""
     import mlx.core as mx
     from mlx_lm.generate import generate_step
 
-    model, _ = _mlx_model(mlx_dir)
+    model, _ = _mlx_model(mlx_dir, adapter)
     out = []
     for token, _ in generate_step(mx.array(ids), model, max_tokens=n):
         out.append(int(token))

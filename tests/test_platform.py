@@ -136,7 +136,6 @@ def test_gguf_dtype_auto_is_float32_on_mlx_cpu(models):
         ({"tensor_parallel_size": 3}, "--tensor-parallel-size"),
         ({"pipeline_parallel_size": 2}, "--pipeline-parallel-size"),
         ({"kv_cache_dtype": "fp8"}, "--kv-cache-dtype"),
-        ({"enable_lora": True}, "--enable-lora"),
         ({"enable_prompt_embeds": True}, "--enable-prompt-embeds"),
         ({"runner": "pooling", "convert": "classify"}, "--convert classify"),
     ],
@@ -152,11 +151,14 @@ def test_speculative_decoding_other_than_ngram_is_refused(models):
         _engine_config(models, speculative_config=draft)
 
 
-def test_ngram_drafts_need_the_paged_cache(models, monkeypatch):
+@pytest.mark.parametrize("kwargs", [
+    {"speculative_config": {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3}},
+    {"enable_lora": True},
+], ids=["ngram", "lora"])
+def test_drafts_and_adapters_need_the_paged_cache(models, monkeypatch, kwargs):
     monkeypatch.setenv("VLLM_METAL_USE_PAGED_ATTENTION", "0")
-    ngram = {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3}
     with pytest.raises(Exception, match="VLLM_METAL_USE_PAGED_ATTENTION=1"):
-        _engine_config(models, speculative_config=ngram)
+        _engine_config(models, **kwargs)
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,7 @@ import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -50,6 +51,7 @@ from vllm_metal.bridge import mlx_to_torch
 from vllm_metal.device import EvalTimer, device_memory_bytes, on_gpu
 from vllm_metal.kv_backend import KVBackend, StepBatch
 from vllm_metal.loader import LoadedModel, load, resolve_model_dir
+from vllm_metal.lora import LoRAs
 from vllm_metal.mlx_cache import MlxManagedBackend
 from vllm_metal.mlx_lm_models import UnsupportedModelError
 from vllm_metal.paged import PagedBackend
@@ -162,6 +164,7 @@ class MetalModelRunner:
             build_logitsprocs(vllm_config, self.device, False, False, ())
         )
         self.loaded: LoadedModel | None = None
+        self.loras: LoRAs | None = None  # --enable-lora: the adapters vLLM has added
         self.kv: KVBackend | None = None  # created with the model, allocated by initialize_kv_cache
         self._num_blocks = 0
         self._pending: _PendingStep | FailedStep | None = None
@@ -196,6 +199,8 @@ class MetalModelRunner:
         self.loaded = load(path, self.model_config.dtype, self.model_config.trust_remote_code)
         if self.pooling is not None:
             self.loaded.without_head()
+        if (lora := self.vllm_config.lora_config) is not None:
+            self.loras = LoRAs(self.loaded.model, self.loaded.dtype, lora.max_lora_rank)
         self.kv = self._new_backend()
 
     def _new_backend(self) -> KVBackend:
@@ -380,7 +385,15 @@ class MetalModelRunner:
             self._resolve_all()
         step = self._step_batch(scheduler_output)
         moved_before = self.kv.moved_blocks
-        logits = self.kv.forward(step)
+        if self.loras is None:
+            logits = self.kv.forward(step)
+        else:
+            requests = [self.requests[r].lora_request for r in step.req_ids]
+            for request in requests:  # vLLM adds adapters ahead (--lora-modules) or with a request
+                if request is not None and request.lora_int_id not in self.loras.ids():
+                    self.loras.add(request.lora_int_id, Path(request.lora_path))
+            with self.loras.step([0 if r is None else r.lora_int_id for r in requests], step.lens):
+                logits = self.kv.forward(step)
         ends = [s + n for s, n in zip(step.starts, step.lens, strict=True)]
         partial = [end < self.input_batch.num_tokens_no_spec[i] for i, end in enumerate(ends)]
         record = StepRecord(

@@ -157,8 +157,8 @@ class MetalPlatform(Platform):
         elif spec is not None and not cfg.use_paged_attention:
             refuse.append("speculative decoding (--speculative-config) needs the paged KV cache "
                           "(VLLM_METAL_USE_PAGED_ATTENTION=1)")
-        if vllm_config.lora_config is not None:
-            refuse.append("LoRA (--enable-lora) is not supported")
+        if vllm_config.lora_config is not None and not cfg.use_paged_attention:
+            refuse.append("LoRA (--enable-lora) needs the paged KV cache (VLLM_METAL_USE_PAGED_ATTENTION=1)")
         model_config = vllm_config.model_config
         if model_config is not None and model_config.runner_type == "pooling":
             if model_config.convert_type != "embed":

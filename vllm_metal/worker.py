@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import time
+from pathlib import Path
 
 import mlx.core as mx
 import torch
@@ -208,16 +209,17 @@ class MetalWorker(WorkerBase):
             self.model_runner.max_model_len = max_model_len
 
     def add_lora(self, lora_request) -> bool:
-        raise ValueError("LoRA is not supported by vllm-metal.")
+        self.model_runner.loras.add(lora_request.lora_int_id, Path(lora_request.lora_path))
+        return True
 
     def remove_lora(self, lora_id: int) -> bool:
-        return False
+        return self.model_runner.loras.remove(lora_id)
 
     def pin_lora(self, lora_id: int) -> bool:
-        return False
+        return lora_id in self.model_runner.loras.ids()  # adapters stay loaded until removed
 
     def list_loras(self) -> set[int]:
-        return set()
+        return set() if self.model_runner.loras is None else self.model_runner.loras.ids()
 
     def shutdown(self) -> None:
         if self.model_runner is not None:
