@@ -145,10 +145,10 @@ def test_unsupported_configs_are_refused_naming_the_flag(models, kwargs, flag):
         _engine_config(models, **kwargs)
 
 
-def test_speculative_decoding_other_than_ngram_is_refused(models):
-    draft = {"method": "draft_model", "model": str(models.hf), "num_speculative_tokens": 2}
-    with pytest.raises(Exception, match="'draft_model'.*only n-gram drafts"):
-        _engine_config(models, speculative_config=draft)
+def test_speculative_decoding_other_than_ngram_or_a_draft_model_is_refused(models):
+    gpu_ngram = {"method": "ngram_gpu", "num_speculative_tokens": 2, "prompt_lookup_max": 3}
+    with pytest.raises(Exception, match="'ngram_gpu'.*only n-gram drafts"):
+        _engine_config(models, speculative_config=gpu_ngram)
 
 
 @pytest.mark.parametrize("kwargs", [

@@ -1,9 +1,11 @@
-"""``--speculative-config`` with n-gram drafts: several greedy tokens per step, the same tokens.
+"""``--speculative-config``: several greedy tokens per step, the same tokens.
 
 A live ``vllm serve`` with vLLM's n-gram (prompt lookup) proposer on the bundled model: greedy
 completions equal HF transformers fp32 one at a time and all at once, with drafts both accepted
 and rejected (vLLM's own spec-decode counters say so); seeded random sampling gives what the
-plain server gives (such requests get no drafts), and structured output keeps its schema.
+plain server gives (such requests get no drafts), and structured output keeps its schema. Then a
+draft model (the bundled model's 4-bit MLX checkpoint drafting for the float32 one): the same
+greedy tokens, alone and batched.
 """
 
 from __future__ import annotations
@@ -86,3 +88,20 @@ def test_structured_output_beside_drafts(speculating, prompts, reference):
         assert tokens == reference[i], f"prompt {i}"
     for schema, choice, usage in got[len(prompts):]:
         assert _schema_violation(schema, choice, usage) is None
+
+
+def test_draft_model_gives_the_same_greedy_tokens(models, prompts, reference):
+    draft = {"method": "draft_model", "model": str(models.mlx_4bit), "num_speculative_tokens": 3}
+    srv = VllmServer(models.hf, ["--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "8",
+                                 "--kv-cache-memory-bytes", str(64 * 2**20),
+                                 "--speculative-config", json.dumps(draft)], name="draft-model")
+    try:
+        for i, p in enumerate(prompts):
+            assert completion_tokens(srv, p, N_NEW) == reference[i], f"prompt {i}"
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            got = list(pool.map(lambda p: completion_tokens(srv, p, N_NEW), prompts))
+        assert got == reference
+        drafted, accepted = _counters(srv)
+        assert 0 < accepted <= drafted, (drafted, accepted)
+    finally:
+        srv.stop()

@@ -58,7 +58,7 @@ from vllm_metal.paged import PagedBackend
 from vllm_metal.pooling import Pooling
 from vllm_metal.sampling import RowParams, host_reason, sample
 from vllm_metal.scheduler import FailedStep, MetalAsyncScheduler, MetalScheduler
-from vllm_metal.speculative import NgramSpeculation, first_rows, scheduled_drafts
+from vllm_metal.speculative import Speculation, first_rows, scheduled_drafts, speculation_for
 
 logger = init_logger("vllm.metal")
 
@@ -158,8 +158,11 @@ class MetalModelRunner:
         self.sampler = Sampler(logprobs_mode=self.model_config.logprobs_mode)
         # --runner pooling: embeddings from the final hidden states instead of sampled tokens
         self.pooling = Pooling(self.model_config) if self.model_config.runner_type == "pooling" else None
-        # --speculative-config ngram: drafts verified in the packed forward, several tokens a step
-        self.speculation = NgramSpeculation(vllm_config) if vllm_config.speculative_config is not None else None
+        # --speculative-config: drafts verified in the packed forward, several tokens a step (made
+        # with the model, as a draft model may be one)
+        spec = vllm_config.speculative_config
+        self.num_draft_tokens = 0 if spec is None else spec.num_speculative_tokens
+        self.speculation: Speculation | None = None
         self.input_batch = self._new_input_batch(
             build_logitsprocs(vllm_config, self.device, False, False, ())
         )
@@ -171,7 +174,7 @@ class MetalModelRunner:
         self._last_step_end = 0.0  # VLLM_METAL_DEBUG step timing
         # One step ahead: tokens sampled on the device that the host does not hold yet. vLLM's
         # multiprocess executor reads outputs on another thread, hence the lock.
-        self.one_step_ahead = self.speculation is None and (
+        self.one_step_ahead = spec is None and (
             self.envs.one_step_ahead == "1" or (self.envs.one_step_ahead == "auto" and on_gpu()))
         self._lock = threading.RLock()
         self._late: dict[str, tuple[int, mx.array, int]] = {}  # req_id -> (position, ids, row)
@@ -190,7 +193,7 @@ class MetalModelRunner:
             max_num_blocks_per_req=[-(-self.max_model_len // self.block_size)],
             logitsprocs=logitsprocs,
             is_pooling_model=self.pooling is not None,
-            num_spec_tokens=0 if self.speculation is None else self.speculation.k,
+            num_spec_tokens=self.num_draft_tokens,
         )
 
     # ----------------------------------------------------------------- model and KV cache
@@ -201,7 +204,13 @@ class MetalModelRunner:
             self.loaded.without_head()
         if (lora := self.vllm_config.lora_config) is not None:
             self.loras = LoRAs(self.loaded.model, self.loaded.dtype, lora.max_lora_rank)
+        self.speculation = speculation_for(self.vllm_config)
         self.kv = self._new_backend()
+
+    @property
+    def weight_bytes(self) -> int:
+        """The model's weights and a draft model's."""
+        return self.loaded.weight_bytes + (self.speculation.weight_bytes if self.speculation else 0)
 
     def _new_backend(self) -> KVBackend:
         """The KV cache kind VLLM_METAL_USE_PAGED_ATTENTION selects, not yet allocated."""

@@ -151,9 +151,10 @@ class MetalPlatform(Platform):
         if parallel.data_parallel_size > 1:
             refuse.append("--data-parallel-size must be 1")
         spec = vllm_config.speculative_config
-        if spec is not None and spec.method != "ngram":
+        if spec is not None and spec.method not in ("ngram", "draft_model"):
             refuse.append(f"speculative decoding by {spec.method!r} (--speculative-config) is not supported; "
-                          "only n-gram drafts (\"method\": \"ngram\")")
+                          "only n-gram drafts (\"method\": \"ngram\") and a draft model (\"method\": "
+                          "\"draft_model\", \"model\": PATH)")
         elif spec is not None and not cfg.use_paged_attention:
             refuse.append("speculative decoding (--speculative-config) needs the paged KV cache "
                           "(VLLM_METAL_USE_PAGED_ATTENTION=1)")
@@ -195,6 +196,9 @@ class MetalPlatform(Platform):
             parallel.distributed_executor_backend = "uni"
 
         sched = vllm_config.scheduler_config
+        if spec is not None and sched.async_scheduling:  # drafts are proposed after each step's tokens
+            logger.info("vllm-metal: speculative decoding runs with synchronous scheduling")
+            sched.async_scheduling = False
         if sched.scheduler_cls is None:  # vLLM's, plus finishing a failed step's requests (scheduler.py)
             sched.scheduler_cls = ("vllm_metal.scheduler.MetalAsyncScheduler" if sched.async_scheduling
                                    else "vllm_metal.scheduler.MetalScheduler")

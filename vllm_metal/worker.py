@@ -73,7 +73,7 @@ class MetalWorker(WorkerBase):
         allows (``MetalModelRunner.worst_step``). Either way the three must fit the device."""
         runner = self.model_runner
         total = device_memory_bytes()
-        weights = runner.loaded.weight_bytes
+        weights = runner.weight_bytes
         activations = self._activation_peak()
         self.activation_bytes = activations
         explicit = self.cache_config.kv_cache_memory_bytes
