@@ -100,6 +100,14 @@ def test_vllm_maps_modelscope_ids_to_local_files_only_when_offline():
     assert source.index("get_model_path(self.model") > offline
 
 
+def test_vllm_anthropic_router_logs_client_errors_with_their_traceback():
+    import inspect
+
+    import vllm.entrypoints.anthropic.api_router as router
+
+    assert 'logger.exception("Error in create_messages' in inspect.getsource(router)
+
+
 def test_vllm_api_server_leaves_its_heap_frozen():
     """patches.vllm.collect_frozen_heap_at_exit: the lifespan freezes the heap, nothing unfreezes it."""
     from vllm.entrypoints.launchers.utils import server_utils

@@ -20,6 +20,7 @@ phase              called from                                    installs
                    and the ``vllm.general_plugins`` entry point   local model directories
 ``in_platform``    ``MetalPlatform.check_and_update_config``      torch.accelerator no-ops; the API
                                                                   server's key and field checks,
+                                                                  Anthropic client errors in one line,
                                                                   heap collected at exit, a quiet
                                                                   engine stop, the KV cache's
                                                                   device label
@@ -73,6 +74,7 @@ def in_platform() -> None:
     torch.accelerator_without_device()
     vllm.guard_all_routes()
     vllm.refuse_unknown_fields()
+    vllm.answer_anthropic_client_errors()
     vllm.collect_frozen_heap_at_exit()
     vllm.engine_teardown_grace()
     vllm.quiet_deliberate_engine_stop()

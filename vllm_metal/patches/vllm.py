@@ -12,13 +12,18 @@ from collections.abc import Callable
 
 
 def _replace(owner, name: str, wrap: Callable[[Callable], Callable]) -> None:
-    """Set ``owner.name`` to ``wrap(original)`` unless that is done already; the replacement
-    keeps the original as ``__wrapped__``."""
+    """Set ``owner.name`` to ``wrap(original)`` unless this ``wrap`` is installed there already
+    (two patches may wrap one function, each once); the replacement keeps the original as
+    ``__wrapped__``."""
     original = getattr(owner, name)
-    if getattr(original, "__vllm_metal__", False):
-        return
+    patch = wrap.__qualname__
+    layer = original
+    while layer is not None:
+        if getattr(layer, "__vllm_metal__", None) == patch:
+            return
+        layer = getattr(layer, "__wrapped__", None)
     replacement = functools.update_wrapper(wrap(original), original)
-    replacement.__vllm_metal__ = True
+    replacement.__vllm_metal__ = patch
     setattr(owner, name, replacement)
 
 
@@ -302,6 +307,43 @@ def refuse_unknown_fields() -> None:
                       (OpenAIServingChat, "create_chat_completion"),
                       (AnthropicServingMessages, "create_messages")):
         _replace(cls, name, wrap)
+
+
+def answer_anthropic_client_errors() -> None:
+    """Answer a client error on ``/v1/messages`` (an out-of-range parameter, an empty
+    conversation, an unknown tool) with the 4xx vLLM's router would send, logged as one line
+    instead of a traceback.
+
+    vLLM's Anthropic router (``create_messages`` in vllm/entrypoints/anthropic/api_router.py)
+    hands every exception of the handler to ``logger.exception``, so each bad request prints a
+    traceback in the server log, which the OpenAI routes do not. The handler now returns
+    ``create_error_response(exc)`` (the response the router builds from it) when that is a 4xx,
+    and re-raises anything else, which the router still logs with its traceback.
+
+    Delete when: vLLM's Anthropic router answers client errors without ``logger.exception``.
+    """
+    if "fastapi" not in sys.modules:
+        return
+    from vllm.entrypoints.anthropic.serving import AnthropicServingMessages
+    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+    from vllm.logger import init_logger
+
+    logger = init_logger("vllm.metal")
+
+    def wrap(original):
+        async def create_messages(self, request, raw_request=None):
+            try:
+                return await original(self, request, raw_request)
+            except Exception as exc:  # noqa: BLE001 - sorted into client errors and the rest
+                error = create_error_response(exc)
+                if error.error.code >= 500:
+                    raise
+                logger.warning("vllm-metal: /v1/messages answered %d: %s", error.error.code, exc)
+                return error
+
+        return create_messages
+
+    _replace(AnthropicServingMessages, "create_messages", wrap)
 
 
 def resolve_model_names(use_modelscope: bool, modelscope_cache: str | None) -> None:
