@@ -4,7 +4,8 @@ every cache kind answers.
 A step is a ``StepBatch``: per request, in the input batch's order, the tokens vLLM scheduled,
 where they start, the request's block ids and token history. A backend turns it into logits laid
 out the same way whatever the cache: one row per request (its last scheduled position), then,
-for requests that asked for prompt logprobs, one row per scheduled position, in batch order.
+for requests with ``all_rows`` (prompt logprobs, speculative drafts, pooling), one row per
+scheduled position, in batch order.
 
 Backends: ``vllm_metal.paged.PagedBackend`` (vLLM-managed blocks, one packed forward) and
 ``vllm_metal.mlx_cache.MlxManagedBackend`` (mlx-lm's own per-request caches).
@@ -28,7 +29,7 @@ class StepBatch:
     starts: list[int]  # position of the first scheduled token (vLLM's num_computed_tokens)
     histories: list[np.ndarray]  # token ids the request holds, prompt then output, through start + len
     tables: list[np.ndarray]  # vLLM block ids of the request
-    all_rows: list[bool]  # prompt logprobs: logits for every scheduled position, not only the last
+    all_rows: list[bool]  # logits for every scheduled position, not only the last (module doc)
     prompt_lens: list[int]
     # Input ids still on the device (sampled one step ahead): (packed token index, ids); the
     # histories hold placeholders there. Only for backends with ``reads_late_tokens``.
@@ -38,7 +39,7 @@ class StepBatch:
     def num_tokens(self) -> int:
         return sum(self.lens)
 
-    def prompt_rows(self) -> dict[str, tuple[int, int, int]]:
+    def row_spans(self) -> dict[str, tuple[int, int, int]]:
         """req_id -> (first logits row, rows, first position) of the requests with ``all_rows``."""
         rows: dict[str, tuple[int, int, int]] = {}
         row = len(self.req_ids)

@@ -95,7 +95,8 @@ class LoRAs:
         self.masks: dict[int, mx.array] = {}
         self._modules: dict[int, list[MultiLoRALinear]] = {}
 
-    def add(self, lora_id: int, path: Path) -> None:
+    def add(self, lora_id: int, path: str | Path) -> None:
+        path = Path(path)
         weights, scale = read_adapter(path, self.max_rank)
         self.remove(lora_id)
         layers = []

@@ -25,7 +25,6 @@ import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -115,7 +114,7 @@ class _PendingStep:
     scheduler_output: SchedulerOutput
     logits: mx.array  # (num_reqs + prompt rows, vocab)
     partial: list[bool]  # request still in prefill after this step: its sample is discarded
-    prompt_rows: dict[str, tuple[int, int, int]]  # req_id -> (first logits row, count, start pos)
+    row_spans: dict[str, tuple[int, int, int]]  # all_rows requests: req_id -> (first logits row, count, start pos)
     started: float  # perf_counter at execute_model entry
     record: StepRecord
 
@@ -158,8 +157,8 @@ class MetalModelRunner:
         self.sampler = Sampler(logprobs_mode=self.model_config.logprobs_mode)
         # --runner pooling: embeddings from the final hidden states instead of sampled tokens
         self.pooling = Pooling(self.model_config) if self.model_config.runner_type == "pooling" else None
-        # --speculative-config: drafts verified in the packed forward, several tokens a step (made
-        # with the model, as a draft model may be one)
+        # --speculative-config: drafts verified in the packed forward, several tokens a step
+        # (created in load_model: a draft model loads with the model)
         spec = vllm_config.speculative_config
         self.num_draft_tokens = 0 if spec is None else spec.num_speculative_tokens
         self.speculation: Speculation | None = None
@@ -400,7 +399,7 @@ class MetalModelRunner:
             requests = [self.requests[r].lora_request for r in step.req_ids]
             for request in requests:  # vLLM adds adapters ahead (--lora-modules) or with a request
                 if request is not None and request.lora_int_id not in self.loras.ids():
-                    self.loras.add(request.lora_int_id, Path(request.lora_path))
+                    self.loras.add(request.lora_int_id, request.lora_path)
             with self.loras.step([0 if r is None else r.lora_int_id for r in requests], step.lens):
                 logits = self.kv.forward(step)
         ends = [s + n for s, n in zip(step.starts, step.lens, strict=True)]
@@ -411,7 +410,7 @@ class MetalModelRunner:
             launch_ms=self.evaluate.launch_s * 1e3, wait_ms=self.evaluate.wait_s * 1e3,
             moved_blocks=self.kv.moved_blocks - moved_before,
         )
-        pending = _PendingStep(scheduler_output, logits, partial, step.prompt_rows(), started, record)
+        pending = _PendingStep(scheduler_output, logits, partial, step.row_spans(), started, record)
         if self.pooling is None:
             self._pending = pending
             return None
@@ -487,7 +486,7 @@ class MetalModelRunner:
                 return self._fail_step(pending.scheduler_output, exc)
 
     def _samples_on_device(self, pending: _PendingStep, grammar_output) -> bool:
-        return (self.one_step_ahead and grammar_output is None and not pending.prompt_rows
+        return (self.one_step_ahead and grammar_output is None and not pending.row_spans
                 and self._host_sampled.keys().isdisjoint(self.input_batch.req_ids))
 
     def _sample_on_device(self, pending: _PendingStep) -> DeviceSampledOutput:
@@ -602,7 +601,7 @@ class MetalModelRunner:
         logits = mlx_to_torch(pending.logits.astype(mx.float32))
         drafts = scheduled_drafts(batch) if self.speculation is not None else [[]] * n
         if any(drafts):  # vLLM's layout: per request its next token's row, then one per draft
-            rows = [range(pending.prompt_rows[r][0], pending.prompt_rows[r][0] + len(d) + 1) if d else [i]
+            rows = [range(pending.row_spans[r][0], pending.row_spans[r][0] + len(d) + 1) if d else [i]
                     for i, (r, d) in enumerate(zip(batch.req_ids, drafts, strict=True))]
             step_logits = logits[torch.tensor([j for r in rows for j in r])]
         else:
@@ -647,7 +646,7 @@ class MetalModelRunner:
             req_id_to_index=dict(batch.req_id_to_index),
             sampled_token_ids=sampled_lists,
             logprobs=out.logprobs_tensors.tolists() if out.logprobs_tensors is not None else None,
-            prompt_logprobs_dict=self._prompt_logprobs(logits, pending.prompt_rows),
+            prompt_logprobs_dict=self._prompt_logprobs(logits, pending.row_spans),
         )
         if self.debug:
             self._log_step(pending, entered)
@@ -669,10 +668,10 @@ class MetalModelRunner:
         mx.reset_peak_memory()
         logger.info("%s%s", STEP_LOG_PREFIX, json.dumps(asdict(record)))
 
-    def _prompt_logprobs(self, logits: torch.Tensor, prompt_rows) -> dict[str, LogprobsTensors | None]:
+    def _prompt_logprobs(self, logits: torch.Tensor, row_spans) -> dict[str, LogprobsTensors | None]:
         """Logprobs of each prompt token given its prefix, gathered chunk by chunk."""
         result: dict[str, LogprobsTensors | None] = {}
-        for req_id, (row0, count, start) in prompt_rows.items():
+        for req_id, (row0, count, start) in row_spans.items():
             if req_id not in self.num_prompt_logprobs:  # rows for drafts, not prompt logprobs
                 continue
             state = self.requests[req_id]

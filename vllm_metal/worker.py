@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gc
 import time
-from pathlib import Path
 
 import mlx.core as mx
 import torch
@@ -209,7 +208,7 @@ class MetalWorker(WorkerBase):
             self.model_runner.max_model_len = max_model_len
 
     def add_lora(self, lora_request) -> bool:
-        self.model_runner.loras.add(lora_request.lora_int_id, Path(lora_request.lora_path))
+        self.model_runner.loras.add(lora_request.lora_int_id, lora_request.lora_path)
         return True
 
     def remove_lora(self, lora_id: int) -> bool:
