@@ -123,3 +123,35 @@ def test_base_and_two_adapters_in_the_same_steps(lora_server, prompts, expected)
 def test_adapters_are_listed_as_models(lora_server):
     listed = {m["id"] for m in httpx.get(f"{lora_server.url}/models", timeout=30).json()["data"]}
     assert {"mlxa", "peftb", lora_server.model} <= listed
+
+
+@pytest.mark.parametrize(("config", "files", "needle"), [
+    (None, {}, "no adapter_config.json"),
+    ({"fine_tune_type": "dora", "lora_parameters": {"rank": 8, "scale": 2.0}}, {}, "fine_tune_type 'dora'"),
+    ({"r": 8, "lora_alpha": 16, "use_dora": True}, {}, "DoRA"),
+    ({"r": 8, "lora_alpha": 16, "bias": "all"}, {}, "bias"),
+    ({"rank": 8}, {}, "neither mlx-lm's"),
+    ({"lora_parameters": {"rank": 16, "scale": 2.0}},
+     {"model.layers.0.self_attn.q_proj.lora_a": (576, 16), "model.layers.0.self_attn.q_proj.lora_b": (16, 576)},
+     "rank 16 exceeds --max-lora-rank 8"),
+    ({"lora_parameters": {"rank": 8, "scale": 2.0}}, {"model.layers.0.self_attn.q_proj.lora_a": (576, 8)},
+     "lacks its A or B"),
+    ({"lora_parameters": {"rank": 8, "scale": 2.0}},
+     {"model.layers.0.self_attn.nope.lora_a": (576, 8), "model.layers.0.self_attn.nope.lora_b": (8, 576)},
+     "has no module model.layers.0.self_attn.nope"),
+], ids=["no-config", "mlx-dora", "peft-dora", "peft-bias", "unknown-layout", "rank", "half-pair", "no-module"])
+def test_adapters_the_plugin_cannot_apply_are_refused_naming_why(models, tmp_path, config, files, needle):
+    """What ``--lora-modules`` (or a request's adapter) loads: each refusal says what is wrong."""
+    import torch
+
+    from vllm_metal.loader import load
+    from vllm_metal.lora import LoRAError, LoRAs
+
+    if config is not None:
+        (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    if files:
+        mx.save_safetensors(str(tmp_path / "adapters.safetensors"),
+                            {k: mx.zeros(shape) for k, shape in files.items()})
+    loaded = load(models.hf, torch.float32)
+    with pytest.raises(LoRAError, match=needle):
+        LoRAs(loaded.model, loaded.dtype, max_rank=RANK).add(1, str(tmp_path))
