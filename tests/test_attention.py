@@ -371,7 +371,7 @@ def test_place_consecutive_moves_blocks_with_their_contents(seed):
     lists = [np.array([9, 8, 7, 6]), np.array([11, 3]), rng.permutation(np.arange(1, num_blocks))[:7],
              np.array([2, 5, 10]), np.arange(1, num_blocks)[::-1]]
     for blocks in lists:
-        tables = store.physical_tables([blocks], [len(blocks) * bs - 1])  # last block partly used
+        tables = store.physical_tables([blocks])  # last block partly used
         where = tables[0]
         np.testing.assert_array_equal(where, store.phys[blocks])
         np.testing.assert_array_equal(np.diff(where), 1)
@@ -381,7 +381,7 @@ def test_place_consecutive_moves_blocks_with_their_contents(seed):
             np.testing.assert_array_equal(got, ref)
     # A step of several sequences is only translated; scheduler block copies follow the ids.
     before = store.phys.copy()
-    tables = store.physical_tables([np.array([3, 1]), np.array([5])], [8, 4])
+    tables = store.physical_tables([np.array([3, 1]), np.array([5])])
     np.testing.assert_array_equal(store.phys, before)
     np.testing.assert_array_equal(tables[0], before[[3, 1]])
     store.copy_blocks([(4, 2), (6, 9)])
@@ -403,7 +403,7 @@ def test_place_consecutive_moves_few_blocks_in_place(monkeypatch):
     blocks = np.array([1, 18, 19, 20, 21])
     mx.reset_peak_memory()
     base = mx.get_active_memory()
-    store.physical_tables([blocks], [5 * bs])
+    store.physical_tables([blocks])
     mx.eval(store.arrays())
     pool_bytes = store.k[0].nbytes  # 4 MiB
     assert mx.get_peak_memory() - base < pool_bytes // 4
@@ -413,7 +413,7 @@ def test_place_consecutive_moves_few_blocks_in_place(monkeypatch):
     before = store.phys.copy()
     store.place_consecutive(np.array([300, 200, 100]))  # four blocks would move
     np.testing.assert_array_equal(store.phys, before)
-    meta = build_step_metadata([1], [40], store.physical_tables([np.array([300, 200, 100])], [41]), bs)
+    meta = build_step_metadata([1], [40], store.physical_tables([np.array([300, 200, 100])]), bs)
     assert meta.groups[0].ctx_slots is not None  # read by slot, still correct (tests above)
 
 
@@ -426,13 +426,13 @@ def test_placed_run_grows_into_the_next_fresh_block(monkeypatch):
     store = _random_store(num_blocks, bs, 7)
     want = _by_block_id(store)
     seq = [1, 2, 3, 40]
-    store.physical_tables([np.array(seq)], [len(seq) * bs - 1])
+    store.physical_tables([np.array(seq)])
     np.testing.assert_array_equal(np.diff(store.phys[seq]), 1)
     placed, moved = store.phys.copy(), store.moved_blocks
     assert moved <= 2 * len(seq)  # each block of the run in, its place's owner out
     for fresh in (41, 42):
         seq.append(fresh)
-        tables = store.physical_tables([np.array(seq)], [(len(seq) - 1) * bs + 1])
+        tables = store.physical_tables([np.array(seq)])
         np.testing.assert_array_equal(np.diff(tables[0]), 1)
     np.testing.assert_array_equal(store.phys, placed)
     assert store.moved_blocks == moved
@@ -442,9 +442,31 @@ def test_placed_run_grows_into_the_next_fresh_block(monkeypatch):
     store = _random_store(num_blocks, bs, 8)
     monkeypatch.setattr(attention, "MAX_MOVE_BYTES", 2 * store.nbytes() // num_blocks)  # two blocks
     want = _by_block_id(store)
-    store.physical_tables([np.array([1, 2, 3, 40])], [15])
+    store.physical_tables([np.array([1, 2, 3, 40])])
     np.testing.assert_array_equal(np.diff(store.phys[[1, 2, 3, 40]]), 1)
     assert store.moved_blocks <= 2  # within MAX_MOVE_BYTES
+    for got, ref in zip(_by_block_id(store), want, strict=True):
+        np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize("drafts_ahead", [0, 2], ids=["plain", "blocks_allocated_ahead"])
+def test_recycled_blocks_placed_once(drafts_ahead):
+    """A request on blocks a finished one gave back (vLLM hands them out in reverse order), then
+    on never-used blocks in ascending order, as its context grows: with or without blocks
+    allocated ahead of the context (speculative drafts), it is placed once and then grows into
+    each new block where it lies; contents stay with their block ids."""
+    bs, num_blocks = 4, 32
+    store = _random_store(num_blocks, bs, 3)
+    want = _by_block_id(store)
+    seq = list(range(8 + drafts_ahead, 0, -1))  # 8 + k recycled blocks, last-in first-out
+    store.physical_tables([np.array(seq)])
+    placed, moved = store.phys.copy(), store.moved_blocks
+    for fresh in range(9 + drafts_ahead, 14 + drafts_ahead):
+        seq.append(fresh)
+        tables = store.physical_tables([np.array(seq)])
+        np.testing.assert_array_equal(np.diff(tables[0]), 1)
+    np.testing.assert_array_equal(store.phys, placed)
+    assert store.moved_blocks == moved
     for got, ref in zip(_by_block_id(store), want, strict=True):
         np.testing.assert_array_equal(got, ref)
 
@@ -455,7 +477,7 @@ def test_single_sequence_reads_one_slice_after_placement():
     bs = 8
     store = _random_store(16, bs, 5)
     blocks = np.array([12, 4, 9])
-    tables = store.physical_tables([blocks], [20])
+    tables = store.physical_tables([blocks])
     meta = build_step_metadata([1], [19], tables, bs)
     (group,) = meta.groups
     assert group.ctx_slot0 == int(store.phys[12]) * bs and group.ctx_slots is None

@@ -391,11 +391,12 @@ class PagedKVStore:
         self._copy_physical(src, dst)
         mx.eval(self.arrays())
 
-    def physical_tables(self, tables: list[np.ndarray], ctx_lens: list[int]) -> list[np.ndarray]:
-        """The step's block tables in physical blocks. A step of one sequence first has its used
-        blocks (those holding its ``ctx_lens[0]`` positions) placed consecutively."""
+    def physical_tables(self, tables: list[np.ndarray]) -> list[np.ndarray]:
+        """The step's block tables in physical blocks. A step of one sequence first has its
+        blocks placed consecutively: all it holds, so blocks vLLM allocated ahead of the context
+        (speculative drafts, the next step's slots) are in place when the context reaches them."""
         if len(tables) == 1:
-            self.place_consecutive(tables[0][: -(-ctx_lens[0] // self.block_size)])
+            self.place_consecutive(tables[0])
         return [self.phys[t] for t in tables]
 
     def place_consecutive(self, blocks: np.ndarray) -> None:
@@ -403,14 +404,17 @@ class PagedKVStore:
         pool. Each swapped-out block's K/V move with it, so every block id keeps its contents.
 
         Where the run goes decides how often it moves again. vLLM hands a request's new blocks
-        out from the front of its free queue: a finished request's partly filled last block
-        first, then never-used blocks in ascending order. So the block after a sequence's last
-        one is usually the next it gets, and a run that ends at its last block grows into it
-        for free; a run placed elsewhere (say, after a prefix hit on block 1) moves a block
-        every ``block_size`` decode steps. Each move costs a few hundred kernels on a host-bound
-        step, whatever its size, so the run ends at the last block unless that moves more than
-        ``MAX_MOVE_BYTES``; then it starts where most of the blocks already are, and if that
-        moves too much as well the step reads the blocks by slot."""
+        out from the front of its free queue: blocks a finished request gave back (in reverse
+        order, when they hold no cached prefix), then never-used blocks in ascending order. So
+        the next block a sequence gets is usually the one after the highest block id it holds
+        (the never-used frontier), or else the one after its last block, and a run that ends
+        just before that block's place grows into it for free; a run placed elsewhere moves a
+        block each time the sequence gets a new one (every ``block_size`` decode steps, or every
+        few steps with speculative drafts). Each move costs a few hundred kernels and a wait on
+        a host-bound step, whatever its size, so the run ends before the frontier block, or else
+        at its last block, unless that moves more than ``MAX_MOVE_BYTES``; then it starts where
+        most of the blocks already are, and if that moves too much as well the step reads the
+        blocks by slot."""
         n = len(blocks)
         where = self.phys[blocks]
         if n < 2 or _is_run(where) or (blocks == 0).any():
@@ -418,9 +422,11 @@ class PagedKVStore:
         starts, kept = np.unique(where - np.arange(n), return_counts=True)
         ok = (starts >= 1) & (starts <= self.num_blocks - n)  # never the null block 0
         most_kept = int(starts[ok][np.argmax(kept[ok])]) if ok.any() else self.num_blocks - n
-        anchored = int(where[-1]) - (n - 1)
-        choices = [anchored, most_kept] if 1 <= anchored <= self.num_blocks - n else [most_kept]
-        for start in dict.fromkeys(choices):
+        frontier = int(blocks.max()) + 1
+        choices = [int(where[-1]) - (n - 1), most_kept]  # anchored at the last block
+        if frontier < self.num_blocks:
+            choices.insert(0, int(self.phys[frontier]) - n)
+        for start in dict.fromkeys(c for c in choices if 1 <= c <= self.num_blocks - n):
             phys, owner = self.phys.copy(), self.owner.copy()
             for target, b in enumerate(blocks, start):
                 here = phys[b]

@@ -58,7 +58,7 @@ class PagedBackend(KVBackend):
     def forward(self, step: StepBatch) -> mx.array:
         store = self.store
         ends = [s + n for s, n in zip(step.starts, step.lens, strict=True)]
-        tables = store.physical_tables(step.tables, ends)
+        tables = store.physical_tables(step.tables)
         tokens = np.concatenate([h[s:e] for h, s, e in zip(step.histories, step.starts, ends, strict=True)])
         rows = None  # every row's logits, in order: a step of decodes only
         if any(step.all_rows) or step.num_tokens != len(step.lens):
