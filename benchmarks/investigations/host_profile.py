@@ -1,7 +1,8 @@
 """Where a single-stream decode step's host time goes: vLLM's engine and the plugin under cProfile.
 
     python -m benchmarks.investigations.host_profile [--checkpoint llama-1b] [--tokens 256]
-        [--model DIR] [--one-step-ahead 1] [--device gpu] [--top 45] [--checkpoint-dir DIR] [--out profile.json]
+        [--model DIR] [--one-step-ahead 1] [--speculative-config JSON] [--device gpu] [--top 45]
+        [--checkpoint-dir DIR] [--out profile.json]
 
 One process, no server: vLLM's offline ``LLM`` with ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, so the
 engine core (scheduler, the plugin's worker and runner, the output processor) runs in this thread
@@ -66,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--one-step-ahead", default="1", choices=("auto", "1", "0"))
     parser.add_argument("--device", default="gpu", choices=("cpu", "gpu"))
+    parser.add_argument("--speculative-config", type=json.loads, default=None,
+                        help='as vllm serve\'s, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'')
     parser.add_argument("--top", type=int, default=45)
     parser.add_argument("--checkpoint-dir", type=Path, default=Path("/tmp/vllm-metal-sizes"))
     parser.add_argument("--out", type=Path)
@@ -79,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     name = args.model.name if args.model else args.checkpoint
     dtype = "bfloat16" if args.device == "gpu" else "float32"
     llm = LLM(model=str(model), dtype=dtype, kv_cache_memory_bytes=2 << 30, max_num_seqs=8,
-              max_model_len=2048, enable_prefix_caching=False)
+              max_model_len=2048, enable_prefix_caching=False,
+              speculative_config=args.speculative_config)
     prompt = {"prompt_token_ids": list(range(100, 228))}
     params = SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True)
     llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True), use_tqdm=False)
@@ -99,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     n = args.tokens
     report = {
         "checkpoint": name, "device": args.device, "dtype": dtype,
-        "one_step_ahead": args.one_step_ahead, "tokens": n,
+        "one_step_ahead": args.one_step_ahead, "speculative_config": args.speculative_config, "tokens": n,
         "ms_per_token": round(1e3 * wall / n, 3), "ms_per_token_profiled": round(1e3 * profiled_wall / n, 3),
         "same_tokens_both_runs": same,
         "own_time_by_package_us": _by_package(stats, n),

@@ -13,6 +13,8 @@
 #                                # process (llama-1b bf16, one step ahead on; --checkpoint, --one-step-ahead 0)
 #   scripts/gpu/run.sh ngram     # one stream on a code-editing workload, plain vs n-gram speculative decoding
 #                                # (bundled model in bf16; --model DIR for another)
+#   scripts/gpu/run.sh qmm       # one layer's product at 1-512 rows: 4-bit quantized_matmul vs bf16 vs dequantize
+#                                # then bf16 (K=4096, N=14336)
 #   scripts/gpu/run.sh long      # long concurrent prompts (default 16 x 6000 tokens) on a random-weight
 #                                # Llama-3.2-1B-shaped bf16 checkpoint: statuses, peak GPU memory, health after;
 #                                # e.g. long --scenario 16x6000@8192 --scenario 4x30000@32768 [--shape llama-8b]
@@ -34,6 +36,7 @@ case "${1:-tests}" in
   sizes)   python3 -m benchmarks.investigations.decode_sizes --out "$out/decode_sizes.json" "${@:2}" ;;
   profile) python3 -m benchmarks.investigations.host_profile --out "$out/host_profile.json" "${@:2}" ;;
   ngram)   python3 -m benchmarks.investigations.ngram_drafts --device gpu --dtype bfloat16 --out "$out/ngram_drafts.json" "${@:2}" ;;
+  qmm)     python3 -m benchmarks.investigations.quantized_matmul --out "$out/quantized_matmul.json" "${@:2}" ;;
   long)    python3 -m benchmarks.investigations.long_prompts --out "$out/long_prompts.json" "${@:2}" ;;
-  *) echo "usage: $0 tests|paged|compare|decode|steps|sizes|profile|ngram|long [args]"; exit 2 ;;
+  *) echo "usage: $0 tests|paged|compare|decode|steps|sizes|profile|ngram|qmm|long [args]"; exit 2 ;;
 esac
