@@ -405,16 +405,16 @@ class PagedKVStore:
 
         Where the run goes decides how often it moves again. vLLM hands a request's new blocks
         out from the front of its free queue: blocks a finished request gave back (in reverse
-        order, when they hold no cached prefix), then never-used blocks in ascending order. So
-        the next block a sequence gets is usually the one after the highest block id it holds
-        (the never-used frontier), or else the one after its last block, and a run that ends
-        just before that block's place grows into it for free; a run placed elsewhere moves a
-        block each time the sequence gets a new one (every ``block_size`` decode steps, or every
-        few steps with speculative drafts). Each move costs a few hundred kernels and a wait on
-        a host-bound step, whatever its size, so the run ends before the frontier block, or else
-        at its last block, unless that moves more than ``MAX_MOVE_BYTES``; then it starts where
-        most of the blocks already are, and if that moves too much as well the step reads the
-        blocks by slot."""
+        order when they hold no cached prefix), or never-used blocks in ascending order. So the
+        next block a sequence gets is usually the one after its last block, or, when its last
+        block came back from a finished request, the never-used frontier (the block after its
+        highest id). A run that ends just before that block grows into it for free; a run placed
+        elsewhere moves a block each time the sequence gets a new one (every ``block_size`` decode
+        steps, or every few steps with speculative drafts). Each move costs a few hundred kernels
+        and a wait on a host-bound step, whatever its size, so the run ends at its last block, or
+        else just before the frontier block, unless that moves more than ``MAX_MOVE_BYTES``; then
+        it starts where most of the blocks already are, and if that moves too much as well the
+        step reads the blocks by slot."""
         n = len(blocks)
         where = self.phys[blocks]
         if n < 2 or _is_run(where) or (blocks == 0).any():
@@ -425,7 +425,7 @@ class PagedKVStore:
         frontier = int(blocks.max()) + 1
         choices = [int(where[-1]) - (n - 1), most_kept]  # anchored at the last block
         if frontier < self.num_blocks:
-            choices.insert(0, int(self.phys[frontier]) - n)
+            choices.insert(1, int(self.phys[frontier]) - n)
         for start in dict.fromkeys(c for c in choices if 1 <= c <= self.num_blocks - n):
             phys, owner = self.phys.copy(), self.owner.copy()
             for target, b in enumerate(blocks, start):
