@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 LONG_TEXT = (
@@ -48,8 +49,11 @@ def _hf_model(hf_dir: Path):
 
     from fixtures.tiny import TRANSFORMERS_LOCK
 
+    # transformers' SDPA attention drops Gemma 2's attn_logit_softcapping; its eager one applies it.
+    capped = json.loads((hf_dir / "config.json").read_text()).get("attn_logit_softcapping")
+    kwargs = {"attn_implementation": "eager"} if capped else {}
     with TRANSFORMERS_LOCK:  # test_models builds tiny checkpoints in threads meanwhile
-        model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, **kwargs)
     return model.eval()
 
 

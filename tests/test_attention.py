@@ -110,7 +110,8 @@ def _dense_kv(case: Case, i: int, t0: int) -> tuple[np.ndarray, np.ndarray]:
     return k, v
 
 
-def reference_numpy(case: Case, window: int | None, sinks: np.ndarray | None = None) -> np.ndarray:
+def reference_numpy(case: Case, window: int | None, sinks: np.ndarray | None = None,
+                    softcap: float | None = None) -> np.ndarray:
     """float64 attention, one query token at a time, causal by absolute position."""
     q = _f64(case.queries)
     out = np.zeros_like(q)
@@ -126,6 +127,8 @@ def reference_numpy(case: Case, window: int | None, sinks: np.ndarray | None = N
             if window is not None:
                 visible &= pos > p - window
             s = case.scale * np.einsum("hd,chd->hc", q[t0 + j], k)
+            if softcap is not None:
+                s = softcap * np.tanh(s / softcap)
             s = np.where(visible[None, :], s, -np.inf)
             if sinks is not None:
                 s = np.concatenate([s, sinks[:, None]], axis=1)  # sink: a logit with no value
@@ -157,9 +160,10 @@ def reference_mlx_dense(case: Case, window: int | None, sinks: mx.array | None =
     return _f64(mx.concatenate(outs, axis=0))
 
 
-def run_paged(case: Case, window: int | None, sinks: mx.array | None = None) -> np.ndarray:
+def run_paged(case: Case, window: int | None, sinks: mx.array | None = None,
+              softcap: float | None = None) -> np.ndarray:
     out = paged_attention(case.queries, case.k_pool, case.v_pool, case.meta, case.block_size,
-                          case.scale, window=window, sinks=sinks)
+                          case.scale, window=window, sinks=sinks, softcap=softcap)
     assert out.shape == case.queries.shape
     assert out.dtype == case.dtype
     return _f64(out)
@@ -171,7 +175,7 @@ def _pool4(pool: mx.array) -> mx.array:
 
 
 def run_layer_cache(case: Case, window: int | None, sinks: mx.array | None = None,
-                    copy_reads: bool | None = None) -> np.ndarray:
+                    copy_reads: bool | None = None, softcap: float | None = None) -> np.ndarray:
     """The same step through ``PagedLayerCache.attend`` (what the model calls), pools as written.
     ``copy_reads``: override the device's choice of copying a lone sequence's K/V before SDPA."""
     t, kvh = case.queries.shape[0], case.k_pool.shape[1]
@@ -180,7 +184,8 @@ def run_layer_cache(case: Case, window: int | None, sinks: mx.array | None = Non
     if copy_reads is not None:
         store.copy_reads = copy_reads
     store.k[0], store.v[0], store.step = _pool4(case.k_pool), _pool4(case.v_pool), case.meta
-    out = PagedLayerCache(store, 0, window).attend(case.queries.reshape(t, HEADS, 1, HEAD_DIM), case.scale, sinks)
+    out = PagedLayerCache(store, 0, window).attend(case.queries.reshape(t, HEADS, 1, HEAD_DIM), case.scale, sinks,
+                                                   softcap)
     assert out.shape == (t, HEADS, 1, HEAD_DIM) and out.dtype == case.dtype
     return _f64(out.reshape(t, HEADS, HEAD_DIM))
 
@@ -266,6 +271,19 @@ def test_paged_attention_single_sequence(kind, window, blocks):
                     run_layer_cache(case, window, copy_reads=True)):  # masked op / mask-free
             assert max_err(got, ref) < FP32_BOUND
             assert max_err(got, reference_mlx_dense(case, window)) < FP32_BOUND
+
+
+@pytest.mark.parametrize("window", [None, 7], ids=["full", "window7"])
+@pytest.mark.parametrize("kind", ["batched", "one_decode", "one_chunk"])
+def test_soft_capped_attention(kind, window):
+    """Soft-capped scores (``cap * tanh(s / cap)``, Gemma 2), which MLX's fused SDPA cannot
+    apply: the batched masked path and a lone sequence's path match float64 NumPy, with GQA."""
+    n_decode, n_prefill = {"batched": (5, 3), "one_decode": (1, 0), "one_chunk": (0, 1)}[kind]
+    case = make_case(11, 8, 2, n_decode=n_decode, n_prefill=n_prefill)
+    want = reference_numpy(case, window, softcap=2.0)
+    assert max_err(run_paged(case, window, softcap=2.0), want) < FP32_BOUND
+    assert max_err(run_layer_cache(case, window, softcap=2.0), want) < FP32_BOUND
+    assert max_err(reference_numpy(case, window), want) > 1e-2  # the cap changes the result
 
 
 def test_step_metadata_layout():

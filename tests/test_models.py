@@ -57,10 +57,6 @@ REFERENCE_MLX = {
 # Refused at startup: (text the `vllm serve` refusal must contain, text the plugin's own check
 # must give, the underlying cause for the docs). Only Qwen3.5 is refused by vLLM first.
 EXPECTED_REFUSALS = {
-    "gemma2": ("scaled_dot_product_attention", "scaled_dot_product_attention",
-               "mlx-lm's gemma2 computes attention by hand to apply attn_logit_softcapping (MLX's fused "
-               "SDPA has no softcap); it also ignores sliding_window, so mlx-lm itself departs from "
-               "transformers past the window"),
     "gemma4_e2b": ("caches to layers", "caches to layers",
                    "the last num_kv_shared_layers layers reuse earlier layers' K/V, so mlx-lm builds fewer "
                    "caches than layers"),

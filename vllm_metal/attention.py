@@ -290,6 +290,7 @@ def paged_attention(
     scale: float,
     window: int | None = None,
     sinks: mx.array | None = None,
+    softcap: float | None = None,
 ) -> mx.array:
     """Attention of packed queries ``(T, H, D)`` over paged K/V pools ``(slots, KVH, [1,] D)``.
 
@@ -324,10 +325,8 @@ def paged_attention(
             v = v_blocks[g.block_table[0]].reshape(-1, kvh, dv).transpose(1, 0, 2)[None]
             for a, b in tiles:
                 ctx = g.ctx_len - lq + b
-                o = mx.fast.scaled_dot_product_attention(
-                    q[a:b].transpose(1, 0, 2)[None], k[:, :, :ctx], v[:, :, :ctx],
-                    scale=scale, mask="causal" if b - a > 1 else None, sinks=sinks,
-                )
+                o = sdpa(q[a:b].transpose(1, 0, 2)[None], k[:, :, :ctx], v[:, :, :ctx], scale,
+                         "causal" if b - a > 1 else None, sinks, softcap)
                 done(o[0].transpose(1, 0, 2))
             continue
         ctx = g.table.shape[1] * block_size
@@ -338,13 +337,36 @@ def paged_attention(
         k = k_blocks[g.block_table].reshape(s, ctx, kvh, dk).transpose(0, 2, 1, 3)
         v = v_blocks[g.block_table].reshape(s, ctx, kvh, dv).transpose(0, 2, 1, 3)
         for a, b in tiles:  # one sequence's chunk behind a sliding window: tiles of query rows
-            o = mx.fast.scaled_dot_product_attention(
-                q[:, :, a:b], k, v, scale=scale, mask=mask[:, :, a:b], sinks=sinks,
-            )
+            o = sdpa(q[:, :, a:b], k, v, scale, mask[:, :, a:b], sinks, softcap)
             o = o.transpose(0, 2, 1, 3).reshape(s * (b - a), -1, dv)
             done(o if g.valid_rows is None else o[g.valid_rows])
     out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
     return out if meta.out_order is None else out[meta.out_order]
+
+
+def sdpa(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | str | None,
+         sinks: mx.array | None = None, softcap: float | None = None) -> mx.array:
+    """MLX's fused SDPA (``q`` ``(B, H, L, D)``, ``k``/``v`` ``(B, KVH, S, D)``), or, for
+    attention whose scores are soft-capped (``softcap * tanh(scores / softcap)``, Gemma 2), the
+    same product in MLX ops: the fused kernel has no soft-cap. ``mask``: None, "causal" (bottom
+    right) or a boolean array broadcastable to ``(B, H, L, S)``."""
+    if softcap is None:
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, sinks=sinks)
+    if sinks is not None:
+        raise ValueError("soft-capped attention with sinks is not implemented")
+    b, h, lq, d = q.shape
+    kvh, s = k.shape[1], k.shape[2]
+    q = (q * scale).reshape(b, kvh, h // kvh, lq, d)  # GQA: query heads grouped by their K/V head
+    scores = q @ mx.expand_dims(k, 2).swapaxes(-1, -2)
+    scores = mx.tanh(scores / softcap) * softcap
+    if isinstance(mask, str):
+        mask = mx.arange(s)[None, :] <= mx.arange(lq)[:, None] + (s - lq)
+    if mask is not None:
+        if mask.ndim == 4:
+            mask = mx.expand_dims(mask, 2)
+        scores = mx.where(mask, scores, mx.array(mx.finfo(scores.dtype).min, scores.dtype))
+    weights = mx.softmax(scores, axis=-1, precise=True)
+    return (weights @ mx.expand_dims(v, 2)).reshape(b, h, lq, -1)
 
 
 class PagedKVStore:
@@ -501,14 +523,15 @@ class PagedLayerCache:
     def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None):
         return None  # masks come from the step metadata
 
-    def attend(self, queries: mx.array, scale: float, sinks: mx.array | None) -> mx.array:
-        """Queries ``(T, H, 1, D)`` -> output ``(T, H, 1, Dv)``."""
+    def attend(self, queries: mx.array, scale: float, sinks: mx.array | None,
+               softcap: float | None = None) -> mx.array:
+        """Queries ``(T, H, 1, D)`` -> output ``(T, H, 1, Dv)``; ``softcap`` soft-caps the scores."""
         self.store.calls += 1
         step = self.store.step
         g = step.groups[0]
         if (len(step.groups) == 1 and (g.ctx_slot0 is not None or g.ctx_slots is not None)
                 and (start := g.visible_from(self.window)) is not None):
-            return self._attend_one_sequence(queries, g, start, scale, sinks)
+            return self._attend_one_sequence(queries, g, start, scale, sinks, softcap)
         t, h = queries.shape[0], queries.shape[1]
         out = paged_attention(
             queries.reshape(t, h, -1),
@@ -519,11 +542,13 @@ class PagedLayerCache:
             scale,
             self.window,
             sinks,
+            softcap,
         )
         return _as(out.reshape(t, h, 1, -1), queries.dtype)
 
     def _attend_one_sequence(
-        self, queries: mx.array, g: AttnGroup, start: int, scale: float, sinks: mx.array | None
+        self, queries: mx.array, g: AttnGroup, start: int, scale: float, sinks: mx.array | None,
+        softcap: float | None,
     ) -> mx.array:
         """One sequence (single-stream serving): its visible K/V are one slice of the pool, or one
         gather when its blocks are scattered (a request that starts on prefix-cached blocks), and
@@ -534,7 +559,7 @@ class PagedLayerCache:
         if self.store.copy_reads:
             k, v = mx.contiguous(k), mx.contiguous(v)
         if queries.shape[0] == 1:  # decode: (1, H, 1, D) is already SDPA's layout
-            o = mx.fast.scaled_dot_product_attention(queries, k, v, scale=scale, mask=None, sinks=sinks)
+            o = sdpa(queries, k, v, scale, None, sinks, softcap)
             return _as(o, queries.dtype)
         q = queries.transpose(2, 1, 0, 3)  # (T, H, 1, D) -> (1, H, T, D)
         n, limits = q.shape[2], self.store.step.limits
@@ -542,8 +567,7 @@ class PagedLayerCache:
         outs: list[mx.array] = []
         for a, b in tiles:
             ctx = k.shape[2] - n + b  # the tile's queries see up to its last one (bottom-right causal)
-            outs.append(mx.fast.scaled_dot_product_attention(
-                q[:, :, a:b], k[:, :, :ctx], v[:, :, :ctx], scale=scale, mask="causal", sinks=sinks))
+            outs.append(sdpa(q[:, :, a:b], k[:, :, :ctx], v[:, :, :ctx], scale, "causal", sinks, softcap))
             if len(tiles) > 1:
                 mx.eval(outs[-1])  # one tile's scores at a time (see paged_attention)
         o = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)

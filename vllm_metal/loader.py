@@ -116,7 +116,7 @@ def load(model_dir: Path, dtype, trust_remote_code: bool = False) -> LoadedModel
     mx.eval(model.parameters())
     weight_bytes = sum(a.nbytes for _, a in tree_flatten(model.parameters()))
 
-    specs, row_select = mlx_lm_models.adapt(model)
+    specs, row_select = mlx_lm_models.adapt(model, config)
     logger.info(
         "vllm-metal: loaded %s (%s, %.1f MiB of weights) in %.1fs",
         model_dir, config.get("model_type"), weight_bytes / 2**20, time.perf_counter() - start,

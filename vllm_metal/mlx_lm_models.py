@@ -16,12 +16,14 @@ import importlib.metadata
 import importlib.util
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from vllm_metal.attention import LayerSpec, PagedLayerCache
+from vllm_metal.models import adapter_for
 
 # mlx_lm.models modules that hold shared layers, not a model.
 HELPER_MODULES = frozenset({"base", "cache", "rope_utils", "activations", "switch_layers", "pipeline", "mla",
@@ -133,14 +135,15 @@ def check_runnable(config: dict) -> None:
     except Exception:  # noqa: BLE001 - the loader reports build errors with the weights in hand
         return
     layer_specs(model)
-    if not uses_mlx_lm_sdpa(model):
+    if not routes_attention(model):
         raise _own_attention(model)
 
 
-def uses_mlx_lm_sdpa(model: nn.Module) -> bool:
-    """Whether a module defining one of the model's classes calls mlx-lm's shared SDPA (the
-    function ``patch_model_attention`` routes to the paged cache)."""
-    return bool(_sdpa_modules(model))
+def routes_attention(model: nn.Module) -> bool:
+    """Whether ``patch_model_attention`` can route the model's attention to the paged cache: a
+    module defining one of its classes calls mlx-lm's shared SDPA, or ``vllm_metal.models`` has
+    an adapter for its model file."""
+    return bool(_sdpa_modules(model)) or adapter_for(model) is not None
 
 
 def _sdpa_modules(model: nn.Module) -> list:
@@ -170,9 +173,17 @@ def patch_model_attention(model: nn.Module) -> int:
     """Route the model's ``scaled_dot_product_attention`` calls to the paged cache.
 
     mlx-lm model files import ``scaled_dot_product_attention`` from ``mlx_lm.models.base``;
-    we rebind that name in each module that defines a class of this model. Returns how many
-    modules route it (0 means the model computes attention some other way).
+    we rebind that name in each module that defines a class of this model. A model file with an
+    adapter in ``vllm_metal.models`` (attention computed by hand) has its attention modules
+    made the adapter's ``PagedAttention`` instead. Returns how many modules route it (0 means
+    the model computes attention some other way).
     """
+    adapter = adapter_for(model)
+    if adapter is not None:
+        adapted = [m for _, m in model.named_modules() if isinstance(m, adapter.ATTENTION)]
+        for module in adapted:
+            module.__class__ = adapter.PagedAttention
+        return len(adapted)
     modules = _sdpa_modules(model)
     for module in modules:
         fn = module.scaled_dot_product_attention
@@ -181,8 +192,9 @@ def patch_model_attention(model: nn.Module) -> int:
     return len(modules)
 
 
-def layer_specs(model: nn.Module) -> list[LayerSpec]:
-    """Per-layer KV geometry, from the caches mlx-lm would build for this model."""
+def layer_specs(model: nn.Module, config: dict | None = None) -> list[LayerSpec]:
+    """Per-layer KV geometry, from the caches mlx-lm would build for this model, with the
+    sliding windows an adapter reads from ``config`` where mlx-lm's caches do not hold them."""
     from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 
     caches = make_prompt_cache(model)
@@ -215,6 +227,9 @@ def layer_specs(model: nn.Module) -> list[LayerSpec]:
         window = cache.max_size if isinstance(cache, RotatingKVCache) else None
         v_head_dim = _first_attr(attn, "v_head_dim") or head_dim
         specs.append(LayerSpec(int(q_heads), int(kv_heads), int(head_dim), int(v_head_dim), window))
+    adapter = adapter_for(model)
+    if config is not None and adapter is not None and hasattr(adapter, "windows"):
+        specs = [replace(s, window=w) for s, w in zip(specs, adapter.windows(config), strict=True)]
     return specs
 
 
@@ -320,11 +335,11 @@ def _final_norm_owner(model: nn.Module) -> tuple[nn.Module, str] | None:
     return None
 
 
-def adapt(model: nn.Module) -> tuple[list[LayerSpec], RowSelect | None]:
+def adapt(model: nn.Module, config: dict) -> tuple[list[LayerSpec], RowSelect | None]:
     """Read the model's per-layer KV geometry, route its attention to the paged cache, let its
     quantized layers take a packed step as one matrix and wrap its final norm in a ``RowSelect``;
     refuse a model whose attention cannot be routed."""
-    specs = layer_specs(model)
+    specs = layer_specs(model, config)
     if patch_model_attention(model) == 0:
         raise _own_attention(model)
     fold_quantized_rows(model)
