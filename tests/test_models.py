@@ -30,7 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import LOG_DIR, VllmServer, completion_tokens, serve_expecting_failure
+from conftest import LOG_DIR, VllmServer, completion_tokens, metal_worker, serve_expecting_failure
 from references import LONG_TEXT, PROMPTS, hf_greedy, tokenizer
 
 from fixtures import tiny
@@ -57,9 +57,6 @@ REFERENCE_MLX = {
 # Refused at startup: (text the `vllm serve` refusal must contain, text the plugin's own check
 # must give, the underlying cause for the docs). Only Qwen3.5 is refused by vLLM first.
 EXPECTED_REFUSALS = {
-    "gemma4_e2b": ("caches to layers", "caches to layers",
-                   "the last num_kv_shared_layers layers reuse earlier layers' K/V, so mlx-lm builds fewer "
-                   "caches than layers"),
     "glm4_moe_lite": ("latent", "latent", "MLA: the cache holds a compressed latent, and the rope "
                                           "scores travel through SDPA's mask argument"),
     "qwen3_5": ("failed to be inspected", "ArraysCache",
@@ -284,6 +281,19 @@ def test_architecture_is_refused_at_startup(name, launcher, request):
         raise
     finally:
         row["duration_s"] = round(time.monotonic() - started, 1)
+
+
+def test_kv_sharing_layers_hold_no_kv_memory(tmp_path):
+    """Gemma 4 E2B's last ``num_kv_shared_layers`` layers read earlier layers' K/V: the worker
+    tells vLLM about the six layers that hold K/V only, and a block costs those six layers'
+    bytes. (Its greedy tokens are held to transformers in the matrix above.)"""
+    spec = tiny.BY_NAME["gemma4_e2b"]
+    worker = metal_worker(tiny.build(spec, tmp_path / spec.name), dtype="float32", max_model_len=256,
+                          num_blocks=16, block_size=16)
+    owners = spec.config["num_hidden_layers"] - spec.config["num_kv_shared_layers"]
+    kv_specs = worker.get_kv_cache_spec()
+    assert list(kv_specs) == [f"model.layers.{i}.self_attn" for i in range(owners)]
+    assert worker.model_runner.kv_bytes_per_block() == sum(s.page_size_bytes for s in kv_specs.values())
 
 
 def test_supported_models_doc_matches_this_run():

@@ -386,9 +386,12 @@ class PagedKVStore:
         self.limits = limits  # how a step's attention is split (None: one call per kind)
         self.num_blocks = num_blocks
         slots = num_blocks * block_size
-        self.k = [mx.zeros((slots, s.kv_heads, 1, s.head_dim), dtype=dtype) for s in specs]
-        self.v = [mx.zeros((slots, s.kv_heads, 1, s.v_head_dim), dtype=dtype) for s in specs]
-        mx.eval(self.k, self.v)
+        # one pool pair per layer that holds K/V; None for a layer that reads another's
+        self.k = [mx.zeros((slots, s.kv_heads, 1, s.head_dim), dtype=dtype) if s.kv_source is None else None
+                  for s in specs]
+        self.v = [mx.zeros((slots, s.kv_heads, 1, s.v_head_dim), dtype=dtype) if s.kv_source is None else None
+                  for s in specs]
+        mx.eval(self.arrays())
         self.phys = np.arange(num_blocks, dtype=np.int32)  # block id -> physical block
         self.owner = np.arange(num_blocks, dtype=np.int32)  # physical block -> block id
         self.step: StepMetadata | None = None
@@ -397,10 +400,11 @@ class PagedKVStore:
         # general path (GQA broadcasts it too); one explicit copy per read is cheaper there
         self.copy_reads = mx.default_device().type == mx.DeviceType.cpu
         self.moved_blocks = 0  # block ids whose K/V placement moved, since start (VLLM_METAL_DEBUG logs it)
-        self.layers = [PagedLayerCache(self, i, s.window) for i, s in enumerate(specs)]  # the model's caches
+        self.layers = [PagedLayerCache(self, i if s.kv_source is None else s.kv_source, s.window,  # the model's caches
+                                       writes=s.kv_source is None) for i, s in enumerate(specs)]
 
     def arrays(self) -> list[mx.array]:
-        return self.k + self.v
+        return [a for a in self.k + self.v if a is not None]
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays())
@@ -493,15 +497,19 @@ class LayerSpec:
     head_dim: int
     v_head_dim: int
     window: int | None
+    kv_source: int | None = None  # attends over that (earlier) layer's K/V and holds none (shared KV)
 
 
 class PagedLayerCache:
-    """Stands in for an mlx-lm KV cache of one layer; the model's attention code calls it."""
+    """Stands in for an mlx-lm KV cache of one layer; the model's attention code calls it.
+    ``layer`` is the pool it reads (its own, or the source layer's where it shares K/V);
+    ``writes`` is False for a layer that shares another's K/V (that layer wrote them)."""
 
-    def __init__(self, store: PagedKVStore, layer: int, window: int | None):
+    def __init__(self, store: PagedKVStore, layer: int, window: int | None, writes: bool = True):
         self.store = store
         self.layer = layer
         self.window = window
+        self.writes = writes
 
     @property
     def offset(self) -> mx.array:
@@ -509,7 +517,10 @@ class PagedLayerCache:
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """Write this step's K/V (shape ``(T, KVH, 1, D)``) into the pools by slot mapping (a
-        slice write when the slots are one run, e.g. any single decode token)."""
+        slice write when the slots are one run, e.g. any single decode token). A layer that
+        shares another's K/V writes nothing: the source layer wrote these."""
+        if not self.writes:
+            return keys, values
         step = self.store.step
         k_pool = self.store.k[self.layer]
         v_pool = self.store.v[self.layer]

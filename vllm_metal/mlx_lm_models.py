@@ -143,7 +143,7 @@ def routes_attention(model: nn.Module) -> bool:
     """Whether ``patch_model_attention`` can route the model's attention to the paged cache: a
     module defining one of its classes calls mlx-lm's shared SDPA, or ``vllm_metal.models`` has
     an adapter for its model file."""
-    return bool(_sdpa_modules(model)) or adapter_for(model) is not None
+    return bool(_sdpa_modules(model)) or hasattr(adapter_for(model), "PagedAttention")
 
 
 def _sdpa_modules(model: nn.Module) -> list:
@@ -179,7 +179,7 @@ def patch_model_attention(model: nn.Module) -> int:
     the model computes attention some other way).
     """
     adapter = adapter_for(model)
-    if adapter is not None:
+    if hasattr(adapter, "PagedAttention"):
         adapted = [m for _, m in model.named_modules() if isinstance(m, adapter.ATTENTION)]
         for module in adapted:
             module.__class__ = adapter.PagedAttention
@@ -193,18 +193,22 @@ def patch_model_attention(model: nn.Module) -> int:
 
 
 def layer_specs(model: nn.Module, config: dict | None = None) -> list[LayerSpec]:
-    """Per-layer KV geometry, from the caches mlx-lm would build for this model, with the
-    sliding windows an adapter reads from ``config`` where mlx-lm's caches do not hold them."""
+    """Per-layer KV geometry, from the caches mlx-lm would build for this model, with what an
+    adapter (``vllm_metal.models``) adds where mlx-lm's caches do not say it: sliding windows
+    read from ``config``, and the earlier layer whose K/V each KV-sharing layer reads (mlx-lm
+    builds caches for the layers that hold K/V only)."""
     from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 
     caches = make_prompt_cache(model)
     layers = getattr(model, "layers", None)
-    if layers is None or len(layers) != len(caches):
+    adapter = adapter_for(model)
+    sources = adapter.kv_sources(model) if hasattr(adapter, "kv_sources") else None
+    if layers is None or len(layers) != len(caches) and (sources is None or len(sources) != len(layers)):
         raise UnsupportedModelError(
             f"{type(model).__module__}: cannot map its {len(caches)} caches to layers."
         )
     specs = []
-    for i, (layer, cache) in enumerate(zip(layers, caches, strict=True)):
+    for i, (layer, cache) in enumerate(zip(layers[: len(caches)], caches, strict=True)):
         if type(cache) not in (KVCache, RotatingKVCache):
             raise UnsupportedModelError(
                 f"{type(model).__module__}: layer {i} keeps a {type(cache).__name__} "
@@ -227,8 +231,9 @@ def layer_specs(model: nn.Module, config: dict | None = None) -> list[LayerSpec]
         window = cache.max_size if isinstance(cache, RotatingKVCache) else None
         v_head_dim = _first_attr(attn, "v_head_dim") or head_dim
         specs.append(LayerSpec(int(q_heads), int(kv_heads), int(head_dim), int(v_head_dim), window))
-    adapter = adapter_for(model)
-    if config is not None and adapter is not None and hasattr(adapter, "windows"):
+    for j in range(len(caches), len(layers)):  # KV-sharing layers: their source's geometry
+        specs.append(replace(specs[sources[j]], kv_source=sources[j]))
+    if config is not None and hasattr(adapter, "windows"):
         specs = [replace(s, window=w) for s, w in zip(specs, adapter.windows(config), strict=True)]
     return specs
 

@@ -222,10 +222,13 @@ class MetalModelRunner:
         return PagedBackend(self.loaded, self.block_size, self.max_model_len, limits, self.evaluate)
 
     def get_kv_cache_spec(self) -> dict[str, KVCacheSpec]:
-        """One full-attention spec per layer; sliding windows are applied in the mask only."""
+        """One full-attention spec per layer that holds K/V (not those reading another layer's);
+        sliding windows are applied in the mask only."""
         dtype = self.model_config.dtype
         specs: dict[str, KVCacheSpec] = {}
         for i, s in enumerate(self.loaded.specs):
+            if s.kv_source is not None:
+                continue
             specs[f"model.layers.{i}.self_attn"] = FullAttentionSpec(
                 block_size=self.block_size,
                 num_kv_heads=s.kv_heads,
@@ -239,6 +242,7 @@ class MetalModelRunner:
         item = self.loaded.dtype.size
         return sum(
             self.block_size * s.kv_heads * (s.head_dim + s.v_head_dim) * item for s in self.loaded.specs
+            if s.kv_source is None
         )
 
     def initialize_kv_cache(self, kv_cache_config: KVCacheConfig) -> None:
