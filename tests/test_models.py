@@ -57,8 +57,6 @@ REFERENCE_MLX = {
 # Refused at startup: (text the `vllm serve` refusal must contain, text the plugin's own check
 # must give, the underlying cause for the docs). Only Qwen3.5 is refused by vLLM first.
 EXPECTED_REFUSALS = {
-    "glm4_moe_lite": ("latent", "latent", "MLA: the cache holds a compressed latent, and the rope "
-                                          "scores travel through SDPA's mask argument"),
     "qwen3_5": ("failed to be inspected", "ArraysCache",
                 "vLLM refuses first: its Qwen3.5 class imports torchvision (through the Qwen-VL image "
                 "processor), which this CPU stack lacks. The plugin would refuse it next: Gated DeltaNet "

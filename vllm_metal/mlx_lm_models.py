@@ -143,7 +143,7 @@ def routes_attention(model: nn.Module) -> bool:
     """Whether ``patch_model_attention`` can route the model's attention to the paged cache: a
     module defining one of its classes calls mlx-lm's shared SDPA, or ``vllm_metal.models`` has
     an adapter for its model file."""
-    return bool(_sdpa_modules(model)) or hasattr(adapter_for(model), "PagedAttention")
+    return bool(_sdpa_modules(model)) or hasattr(adapter_for(model), "adapt_attention")
 
 
 def _sdpa_modules(model: nn.Module) -> list:
@@ -175,15 +175,12 @@ def patch_model_attention(model: nn.Module) -> int:
     mlx-lm model files import ``scaled_dot_product_attention`` from ``mlx_lm.models.base``;
     we rebind that name in each module that defines a class of this model. A model file with an
     adapter in ``vllm_metal.models`` (attention computed by hand) has its attention modules
-    made the adapter's ``PagedAttention`` instead. Returns how many modules route it (0 means
+    adapted by the adapter instead. Returns how many modules route it (0 means
     the model computes attention some other way).
     """
     adapter = adapter_for(model)
-    if hasattr(adapter, "PagedAttention"):
-        adapted = [m for _, m in model.named_modules() if isinstance(m, adapter.ATTENTION)]
-        for module in adapted:
-            module.__class__ = adapter.PagedAttention
-        return len(adapted)
+    if hasattr(adapter, "adapt_attention"):
+        return sum(adapter.adapt_attention(m) for _, m in model.named_modules())
     modules = _sdpa_modules(model)
     for module in modules:
         fn = module.scaled_dot_product_attention
@@ -215,11 +212,15 @@ def layer_specs(model: nn.Module, config: dict | None = None) -> list[LayerSpec]
                 "(recurrent or custom state), which the paged KV path cannot hold yet."
             )
         attn = _attention_module(layer)
+        window = cache.max_size if isinstance(cache, RotatingKVCache) else None
+        if hasattr(adapter, "kv_geometry"):
+            specs.append(LayerSpec(*(int(x) for x in adapter.kv_geometry(attn)), window))
+            continue
         if _first_attr(attn, "kv_lora_rank") is not None:
             raise UnsupportedModelError(
                 f"{type(model).__module__}: multi-head latent attention (MLA) caches a compressed "
                 "latent and passes the rope scores as the attention mask, which the paged KV path "
-                "does not implement yet."
+                "implements for deepseek_v3 and glm4_moe_lite only."
             )
         q_heads = _first_attr(attn, "n_heads", "num_heads", "num_attention_heads")
         kv_heads = _first_attr(attn, "n_kv_heads", "num_key_value_heads", "num_kv_heads") or q_heads
@@ -228,7 +229,6 @@ def layer_specs(model: nn.Module, config: dict | None = None) -> list[LayerSpec]
             raise UnsupportedModelError(
                 f"{type(model).__module__}: cannot read the head layout of layer {i}'s attention."
             )
-        window = cache.max_size if isinstance(cache, RotatingKVCache) else None
         v_head_dim = _first_attr(attn, "v_head_dim") or head_dim
         specs.append(LayerSpec(int(q_heads), int(kv_heads), int(head_dim), int(v_head_dim), window))
     for j in range(len(caches), len(layers)):  # KV-sharing layers: their source's geometry

@@ -12,12 +12,13 @@ over the whole context, as in mlx-lm itself.
 from __future__ import annotations
 
 import mlx.core as mx
-from mlx_lm.models.gemma2 import Attention as ATTENTION
+import mlx.nn as nn
+from mlx_lm.models.gemma2 import Attention
 
 from vllm_metal.attention import PagedLayerCache
 
 
-class PagedAttention(ATTENTION):
+class PagedAttention(Attention):
     def __call__(self, x: mx.array, mask: mx.array | None = None, cache=None) -> mx.array:
         if not isinstance(cache, PagedLayerCache):
             return super().__call__(x, mask, cache)
@@ -30,6 +31,13 @@ class PagedAttention(ATTENTION):
         cache.update_and_fetch(keys, values)
         out = cache.attend(queries, self.scale, None, softcap=self.attn_logit_softcapping)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, n, -1))
+
+
+def adapt_attention(module: nn.Module) -> bool:
+    if type(module) is not Attention:
+        return False
+    module.__class__ = PagedAttention
+    return True
 
 
 def windows(config: dict) -> list[int | None]:
