@@ -100,6 +100,23 @@ def test_score_is_the_cosine_of_the_embeddings(embedder):
     assert np.allclose(scores, vectors[1:] @ vectors[0], atol=1e-4)
 
 
+def test_rerank_orders_documents_by_that_cosine(embedder):
+    """``/rerank`` (Jina/Cohere style) on the same bi-encoder: each document's relevance is its
+    cosine with the query, highest first."""
+    import httpx
+
+    query = "What is the capital of France?"
+    docs = ["Paris is the capital of France.", "Bananas are yellow.", "The Eiffel tower is in Paris."]
+    body = {"model": embedder.model, "query": query, "documents": docs}
+    response = httpx.post(f"{embedder.base}/rerank", json=body, timeout=300)
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    vectors = _embed(embedder, [query, *docs])
+    cosine = vectors[1:] @ vectors[0]
+    assert [r["index"] for r in results] == list(np.argsort(-cosine))
+    assert np.allclose([r["relevance_score"] for r in results], np.sort(cosine)[::-1], atol=1e-4)
+
+
 @pytest.mark.parametrize("mode", ["lasttoken", "mean_tokens"])
 def test_qwen3_embedding_style_checkpoint(tmp_path, models, mode):
     """A tiny Qwen3 decoder shipped the way Qwen3-Embedding is (sentence-transformers modules:
