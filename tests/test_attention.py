@@ -435,6 +435,20 @@ def test_place_consecutive_moves_few_blocks_in_place(monkeypatch):
     assert meta.groups[0].ctx_slots is not None  # read by slot, still correct (tests above)
 
 
+def _grows_without_moving(store: PagedKVStore, seq: list[int], fresh: list[int], want: list[np.ndarray]) -> None:
+    """``seq``, already placed, gets the ``fresh`` blocks one by one: each step's table is one run,
+    no block moves, and every block id keeps its K/V (``want``, by block id)."""
+    placed, moved = store.phys.copy(), store.moved_blocks
+    for block in fresh:
+        seq.append(block)
+        tables = store.physical_tables([np.array(seq)])
+        np.testing.assert_array_equal(np.diff(tables[0]), 1)
+    np.testing.assert_array_equal(store.phys, placed)
+    assert store.moved_blocks == moved
+    for got, ref in zip(_by_block_id(store), want, strict=True):
+        np.testing.assert_array_equal(got, ref)
+
+
 def test_placed_run_grows_into_the_next_fresh_block(monkeypatch):
     """A sequence on a prefix hit (blocks 1-3) that continued on a fresh block (40) is placed as
     one run that decode then grows into blocks 41 and 42, the ones vLLM hands out next, without
@@ -446,16 +460,8 @@ def test_placed_run_grows_into_the_next_fresh_block(monkeypatch):
     seq = [1, 2, 3, 40]
     store.physical_tables([np.array(seq)])
     np.testing.assert_array_equal(np.diff(store.phys[seq]), 1)
-    placed, moved = store.phys.copy(), store.moved_blocks
-    assert moved <= 2 * len(seq)  # each block of the run in, its place's owner out
-    for fresh in (41, 42):
-        seq.append(fresh)
-        tables = store.physical_tables([np.array(seq)])
-        np.testing.assert_array_equal(np.diff(tables[0]), 1)
-    np.testing.assert_array_equal(store.phys, placed)
-    assert store.moved_blocks == moved
-    for got, ref in zip(_by_block_id(store), want, strict=True):
-        np.testing.assert_array_equal(got, ref)
+    assert store.moved_blocks <= 2 * len(seq)  # each block of the run in, its place's owner out
+    _grows_without_moving(store, seq, [41, 42], want)
 
     store = _random_store(num_blocks, bs, 8)
     monkeypatch.setattr(attention, "MAX_MOVE_BYTES", 2 * store.nbytes() // num_blocks)  # two blocks
@@ -478,15 +484,7 @@ def test_recycled_blocks_placed_once(drafts_ahead):
     want = _by_block_id(store)
     seq = list(range(8 + drafts_ahead, 0, -1))  # 8 + k recycled blocks, last-in first-out
     store.physical_tables([np.array(seq)])
-    placed, moved = store.phys.copy(), store.moved_blocks
-    for fresh in range(9 + drafts_ahead, 14 + drafts_ahead):
-        seq.append(fresh)
-        tables = store.physical_tables([np.array(seq)])
-        np.testing.assert_array_equal(np.diff(tables[0]), 1)
-    np.testing.assert_array_equal(store.phys, placed)
-    assert store.moved_blocks == moved
-    for got, ref in zip(_by_block_id(store), want, strict=True):
-        np.testing.assert_array_equal(got, ref)
+    _grows_without_moving(store, seq, list(range(9 + drafts_ahead, 14 + drafts_ahead)), want)
 
 
 def test_single_sequence_reads_one_slice_after_placement():

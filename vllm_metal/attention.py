@@ -299,9 +299,10 @@ def paged_attention(
     an absolute-position causal mask (plus window); a group of one sequence reads exactly its
     context with SDPA's own causal mask instead, in query tiles if ``meta.limits`` asks. The rows
     are put back in packed order. ``copy_reads``: copy the gathered K/V of a group into SDPA's
-    layout first (MLX's CPU SDPA is ~6x slower on the transposed view). When ``meta.sequential`` (or a chunk is tiled) each call is
-    evaluated as soon as it is recorded, so the device holds one call's scores at a time, not all
-    of them (MLX keeps a command buffer's temporaries until the whole buffer has run).
+    layout first (MLX's CPU SDPA is ~6x slower on the transposed view). When ``meta.sequential``
+    (or a chunk is tiled) each call is evaluated as soon as it is recorded, so the device holds
+    one call's scores at a time, not all of them (MLX keeps a command buffer's temporaries until
+    the whole buffer has run).
     """
     num_blocks = k_pool.shape[0] // block_size
     kvh, dk = k_pool.shape[1], k_pool.shape[-1]

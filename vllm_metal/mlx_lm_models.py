@@ -200,7 +200,7 @@ def layer_specs(model: nn.Module, config: dict | None = None) -> list[LayerSpec]
     layers = getattr(model, "layers", None)
     adapter = adapter_for(model)
     sources = adapter.kv_sources(model) if hasattr(adapter, "kv_sources") else None
-    if layers is None or len(layers) != len(caches) and (sources is None or len(sources) != len(layers)):
+    if layers is None or (len(layers) != len(caches) and (sources is None or len(sources) != len(layers))):
         raise UnsupportedModelError(
             f"{type(model).__module__}: cannot map its {len(caches)} caches to layers."
         )
