@@ -205,3 +205,17 @@ def test_mlx_lm_yarn_ignores_truncate():
     truncated = upstream(64, 150000.0, False, {**scaling, "truncate": True}, 131072)
     untruncated = upstream(64, 150000.0, False, {**scaling, "truncate": False}, 131072)
     assert mx.array_equal(truncated._freqs, untruncated._freqs)
+
+
+def test_vllm_qwen3_5_module_needs_torchvision():
+    """patches.vllm.qwen3_5_text_classes"""
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed: vLLM's own Qwen3.5 classes import, the patch does nothing")
+    from vllm import ModelRegistry
+
+    patches.vllm.qwen3_5_text_classes()
+    assert ModelRegistry.models["Qwen3_5ForCausalLM"].module_name == "vllm_metal.models.vllm_classes"
+    with pytest.raises(ModuleNotFoundError, match="torchvision"):
+        importlib.import_module("vllm.model_executor.models.qwen3_5")

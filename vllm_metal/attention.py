@@ -27,6 +27,8 @@ from functools import cached_property
 import mlx.core as mx
 import numpy as np
 
+from vllm_metal.recurrent import RecurrentLayerCache, RecurrentStore, StateArray
+
 MAX_MOVE_BYTES = 64 * 2**20  # K/V one block placement may move (its rows are held twice meanwhile)
 
 
@@ -386,17 +388,20 @@ class PagedKVStore:
     """
 
     def __init__(self, specs: list[LayerSpec], num_blocks: int, block_size: int, dtype: mx.Dtype,
-                 limits: AttnLimits | None = None):
+                 limits: AttnLimits | None = None, state_slots: int = 0):
         self.block_size = block_size
         self.limits = limits  # how a step's attention is split (None: one call per kind)
         self.num_blocks = num_blocks
         slots = num_blocks * block_size
-        # one pool pair per layer that holds K/V; None for a layer that reads another's
-        self.k = [mx.zeros((slots, s.kv_heads, 1, s.head_dim), dtype=dtype) if s.kv_source is None else None
+        # one pool pair per layer that holds K/V; None for a layer that reads another's, or keeps
+        # recurrent state (in ``self.recurrent``, ``state_slots`` requests' worth)
+        self.k = [mx.zeros((slots, s.kv_heads, 1, s.head_dim), dtype=dtype) if s.holds_kv else None
                   for s in specs]
-        self.v = [mx.zeros((slots, s.kv_heads, 1, s.v_head_dim), dtype=dtype) if s.kv_source is None else None
+        self.v = [mx.zeros((slots, s.kv_heads, 1, s.v_head_dim), dtype=dtype) if s.holds_kv else None
                   for s in specs]
         mx.eval(self.arrays())
+        states = {i: s.state for i, s in enumerate(specs) if s.state is not None}
+        self.recurrent = RecurrentStore(states, state_slots) if states else None
         self.phys = np.arange(num_blocks, dtype=np.int32)  # block id -> physical block
         self.owner = np.arange(num_blocks, dtype=np.int32)  # physical block -> block id
         self.step: StepMetadata | None = None
@@ -405,14 +410,27 @@ class PagedKVStore:
         # general path (GQA broadcasts it too); one explicit copy per read is cheaper there
         self.copy_reads = mx.default_device().type == mx.DeviceType.cpu
         self.moved_blocks = 0  # block ids whose K/V placement moved, since start (VLLM_METAL_DEBUG logs it)
-        self.layers = [PagedLayerCache(self, i if s.kv_source is None else s.kv_source, s.window,  # the model's caches
-                                       writes=s.kv_source is None) for i, s in enumerate(specs)]
+        self.layers = [self._layer_cache(i, s) for i, s in enumerate(specs)]  # the model's caches
+
+    def _layer_cache(self, i: int, spec: LayerSpec) -> PagedLayerCache | RecurrentLayerCache:
+        if spec.state is not None:
+            return RecurrentLayerCache(self.recurrent, i, self._count_call)
+        source = i if spec.kv_source is None else spec.kv_source
+        return PagedLayerCache(self, source, spec.window, writes=spec.kv_source is None)
+
+    def _count_call(self) -> None:
+        self.calls += 1
 
     def arrays(self) -> list[mx.array]:
+        """The K/V pools (what block copies and placement move)."""
         return [a for a in self.k + self.v if a is not None]
 
+    def state_arrays(self) -> list[mx.array]:
+        """The recurrent-state pools (empty without recurrent layers)."""
+        return [] if self.recurrent is None else self.recurrent.arrays()
+
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.arrays())
+        return sum(a.nbytes for a in self.arrays() + self.state_arrays())
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy whole blocks ``src -> dst`` (block ids) in every layer (scheduler-requested copies)."""
@@ -466,7 +484,7 @@ class PagedKVStore:
                     phys[b], phys[other] = target, here
                     owner[target], owner[here] = b, other
             moved = np.flatnonzero(phys != self.phys)  # block ids whose K/V change place
-            if len(moved) * self.nbytes() <= MAX_MOVE_BYTES * self.num_blocks:
+            if len(moved) * sum(a.nbytes for a in self.arrays()) <= MAX_MOVE_BYTES * self.num_blocks:
                 self._copy_physical(self.phys[moved], phys[moved])
                 self.phys, self.owner = phys, owner
                 self.moved_blocks += len(moved)
@@ -489,13 +507,14 @@ class PagedKVStore:
 
 def attention_limits(specs: list[LayerSpec], dtype: mx.Dtype, budget: int) -> AttnLimits:
     """The widest layer's attention geometry, with ``budget`` bytes per attention call."""
-    kv_token = max(s.kv_heads * (s.head_dim + s.v_head_dim) for s in specs) * dtype.size
+    kv_token = max(s.kv_heads * (s.head_dim + s.v_head_dim) for s in specs) * dtype.size  # 0 for recurrent layers
     return AttnLimits(max(s.q_heads for s in specs), kv_token, budget)
 
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """What the KV cache of one attention layer looks like."""
+    """What the cache of one layer looks like: an attention layer's K/V geometry, or a
+    recurrent layer's per-request state (``state``; its K/V fields are 0)."""
 
     q_heads: int
     kv_heads: int
@@ -503,6 +522,15 @@ class LayerSpec:
     v_head_dim: int
     window: int | None
     kv_source: int | None = None  # attends over that (earlier) layer's K/V and holds none (shared KV)
+    state: tuple[StateArray, ...] | None = None  # a recurrent layer: one request's state arrays
+
+    @property
+    def holds_kv(self) -> bool:
+        return self.kv_source is None and self.state is None
+
+    @classmethod
+    def recurrent(cls, state: tuple[StateArray, ...]) -> LayerSpec:
+        return cls(0, 0, 0, 0, None, state=state)
 
 
 class PagedLayerCache:

@@ -24,6 +24,7 @@ import mlx.nn as nn
 
 from vllm_metal.attention import LayerSpec, PagedLayerCache
 from vllm_metal.models import adapter_for
+from vllm_metal.recurrent import RECURRENT_MODULES, StateArray, adapt_recurrent, probe_state, recurrent_module
 
 # mlx_lm.models modules that hold shared layers, not a model.
 HELPER_MODULES = frozenset({"base", "cache", "rope_utils", "activations", "switch_layers", "pipeline", "mla",
@@ -120,8 +121,8 @@ def check_runnable(config: dict) -> None:
     """Refuse from config.json alone what the loader would refuse only after loading weights.
 
     Runs in the API server before the engine starts (see ``vllm_metal.preflight``): no mlx-lm
-    module, layers with recurrent state or multi-head latent attention, attention that does not
-    go through mlx-lm's ``scaled_dot_product_attention``. It builds mlx-lm's model without
+    module, layers with custom cache state or multi-head latent attention it does not implement,
+    attention that does not go through mlx-lm's ``scaled_dot_product_attention``. It builds mlx-lm's model without
     weights (MLX arrays are lazy, so nothing is allocated); a model that fails to build here is
     left for the loader, which reports it with the weights in hand.
     """
@@ -194,7 +195,7 @@ def layer_specs(model: nn.Module, config: dict | None = None) -> list[LayerSpec]
     adapter (``vllm_metal.models``) adds where mlx-lm's caches do not say it: sliding windows
     read from ``config``, and the earlier layer whose K/V each KV-sharing layer reads (mlx-lm
     builds caches for the layers that hold K/V only)."""
-    from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
+    from mlx_lm.models.cache import ArraysCache, KVCache, RotatingKVCache, make_prompt_cache
 
     caches = make_prompt_cache(model)
     layers = getattr(model, "layers", None)
@@ -206,10 +207,13 @@ def layer_specs(model: nn.Module, config: dict | None = None) -> list[LayerSpec]
         )
     specs = []
     for i, (layer, cache) in enumerate(zip(layers[: len(caches)], caches, strict=True)):
+        if isinstance(cache, ArraysCache):
+            specs.append(LayerSpec.recurrent(_recurrent_state(model, i, layer, cache)))
+            continue
         if type(cache) not in (KVCache, RotatingKVCache):
             raise UnsupportedModelError(
                 f"{type(model).__module__}: layer {i} keeps a {type(cache).__name__} "
-                "(recurrent or custom state), which the paged KV path cannot hold yet."
+                "(custom cache state), which the paged KV path cannot hold."
             )
         attn = _attention_module(layer)
         window = cache.max_size if isinstance(cache, RotatingKVCache) else None
@@ -236,6 +240,19 @@ def layer_specs(model: nn.Module, config: dict | None = None) -> list[LayerSpec]
     if config is not None and hasattr(adapter, "windows"):
         specs = [replace(s, window=w) for s, w in zip(specs, adapter.windows(config), strict=True)]
     return specs
+
+
+def _recurrent_state(model: nn.Module, i: int, layer: nn.Module, cache) -> tuple[StateArray, ...]:
+    """One request's state arrays in recurrent layer ``i`` (``recurrent.probe_state``), at the
+    width of the layer's input norm and the dtype of its weights."""
+    norm = next((getattr(layer, n) for n in ("input_layernorm", "operator_norm", "norm")
+                 if hasattr(getattr(layer, n, None), "weight")), None)
+    if recurrent_module(layer) is None or norm is None:
+        raise UnsupportedModelError(
+            f"{type(model).__module__}: layer {i} keeps a {type(cache).__name__} (recurrent state), but "
+            f"its recurrent module ({', '.join(RECURRENT_MODULES)}) or input norm is not where the paged "
+            "path looks for it.")
+    return probe_state(layer, cache, norm.weight.shape[-1], norm.weight.dtype)
 
 
 def _rows_per_head(attn: nn.Module, proj: str, heads: int | None) -> int | None:
@@ -347,6 +364,9 @@ def adapt(model: nn.Module, config: dict) -> tuple[list[LayerSpec], RowSelect | 
     specs = layer_specs(model, config)
     if patch_model_attention(model) == 0:
         raise _own_attention(model)
+    for layer, spec in zip(model.layers, specs, strict=False):
+        if spec.state is not None:
+            adapt_recurrent(recurrent_module(layer))
     fold_quantized_rows(model)
     owner = _final_norm_owner(model)
     if owner is None:

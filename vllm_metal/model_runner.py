@@ -204,6 +204,10 @@ class MetalModelRunner:
         if (lora := self.vllm_config.lora_config) is not None:
             self.loras = LoRAs(self.loaded.model, self.loaded.dtype, lora.max_lora_rank)
         self.speculation = speculation_for(self.vllm_config)
+        if self.speculation is not None and self.state_bytes_per_request():
+            raise UnsupportedModelError(
+                "speculative decoding (--speculative-config) is not supported for models with "
+                "recurrent-state layers: a rejected draft would have to be taken back out of the state.")
         self.kv = self._new_backend()
 
     @property
@@ -219,15 +223,17 @@ class MetalModelRunner:
             return MlxManagedBackend(self.loaded, self.block_size, self.max_model_len, prefix, self.evaluate)
         budget = attention_budget(self.envs.attention_mb)
         limits = attention_limits(self.loaded.specs, self.loaded.dtype, budget)
-        return PagedBackend(self.loaded, self.block_size, self.max_model_len, limits, self.evaluate)
+        return PagedBackend(self.loaded, self.block_size, self.max_model_len, limits, self.evaluate,
+                            state_slots=self.max_num_reqs)
 
     def get_kv_cache_spec(self) -> dict[str, KVCacheSpec]:
-        """One full-attention spec per layer that holds K/V (not those reading another layer's);
+        """One full-attention spec per layer that holds K/V (not those reading another layer's, nor
+        recurrent layers, whose state the worker reserves per request: ``state_bytes_per_request``);
         sliding windows are applied in the mask only."""
         dtype = self.model_config.dtype
         specs: dict[str, KVCacheSpec] = {}
         for i, s in enumerate(self.loaded.specs):
-            if s.kv_source is not None:
+            if not s.holds_kv:
                 continue
             specs[f"model.layers.{i}.self_attn"] = FullAttentionSpec(
                 block_size=self.block_size,
@@ -242,8 +248,15 @@ class MetalModelRunner:
         item = self.loaded.dtype.size
         return sum(
             self.block_size * s.kv_heads * (s.head_dim + s.v_head_dim) * item for s in self.loaded.specs
-            if s.kv_source is None
+            if s.holds_kv
         )
+
+    def state_bytes_per_request(self) -> int:
+        """Bytes of recurrent state one running request holds (0 without recurrent layers). vLLM's
+        hybrid allocator would page it with the K/V (one block holds either a request's state or
+        tokens' K/V, in shared memory MLX arrays cannot alias), so the worker reserves it for
+        ``--max-num-seqs`` requests beside the KV cache instead."""
+        return sum(a.nbytes for s in self.loaded.specs if s.state is not None for a in s.state)
 
     def initialize_kv_cache(self, kv_cache_config: KVCacheConfig) -> None:
         groups = kv_cache_config.kv_cache_groups
@@ -368,7 +381,8 @@ class MetalModelRunner:
         if self.speculation is not None:  # drafts go in the token history after the next token
             for req_id in batch.req_ids:
                 batch.update_req_spec_token_ids(self.requests[req_id], scheduler_output.scheduled_spec_decode_tokens)
-        self.kv.keep_only(set(batch.req_ids))  # preempted and finished requests free their caches
+        # finished and preempted requests free their caches; one merely not scheduled keeps them
+        self.kv.keep_only(set(self.requests) - (scheduler_output.preempted_req_ids or set()))
 
     # ----------------------------------------------------------------- one step
     @property

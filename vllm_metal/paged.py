@@ -1,9 +1,9 @@
 """The paged KV backend: vLLM's blocks as MLX pools, a step as one packed forward.
 
-The pools, block placement and attention are ``attention.py``'s; this module turns a
-``StepBatch`` into the packed token row, the physical block tables and the step metadata, runs
-the model over the store's per-layer caches and checks once that every layer attended through
-them.
+The pools, block placement and attention are ``attention.py``'s (recurrent state:
+``recurrent.py``'s); this module turns a ``StepBatch`` into the packed token row, the physical
+block tables and the step metadata, runs the model over the store's per-layer caches and checks
+once that every layer ran through them.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ class PagedBackend(KVBackend):
     reads_late_tokens = True
 
     def __init__(self, loaded: LoadedModel, block_size: int, max_model_len: int, limits: AttnLimits,
-                 evaluate: EvalTimer):
+                 evaluate: EvalTimer, state_slots: int = 0):
         self.loaded = loaded
+        self.state_slots = state_slots  # requests whose recurrent state the store holds at once
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.limits = limits
@@ -31,11 +32,16 @@ class PagedBackend(KVBackend):
         self.store: PagedKVStore | None = None
         self._verified = False
 
-    def _new_store(self, num_blocks: int) -> PagedKVStore:
-        return PagedKVStore(self.loaded.specs, num_blocks, self.block_size, self.loaded.dtype, self.limits)
+    def _new_store(self, num_blocks: int, state_slots: int) -> PagedKVStore:
+        return PagedKVStore(self.loaded.specs, num_blocks, self.block_size, self.loaded.dtype, self.limits,
+                            state_slots)
 
     def allocate(self, num_blocks: int) -> None:
-        self.store = self._new_store(num_blocks)
+        self.store = self._new_store(num_blocks, self.state_slots)
+
+    def keep_only(self, req_ids: set[str]) -> None:
+        if self.store is not None and self.store.recurrent is not None:
+            self.store.recurrent.release(req_ids)
 
     def clear(self) -> None:
         self.store = None
@@ -51,8 +57,13 @@ class PagedBackend(KVBackend):
         self.store.copy_blocks(pairs)
 
     def describe(self) -> str:
-        return (f"paged KV cache of {self.store.num_blocks} blocks x {self.block_size} tokens "
-                f"({self.nbytes() / 2**20:.1f} MiB); attention calls hold up to "
+        store = self.store
+        kv = sum(a.nbytes for a in store.arrays())
+        state = "" if store.recurrent is None else (
+            f"; recurrent state for {store.recurrent.slots} requests "
+            f"({store.recurrent.nbytes() / 2**20:.1f} MiB)")
+        return (f"paged KV cache of {store.num_blocks} blocks x {self.block_size} tokens "
+                f"({kv / 2**20:.1f} MiB){state}; attention calls hold up to "
                 f"{self.limits.budget / 2**20:.0f} MiB each")
 
     def forward(self, step: StepBatch) -> mx.array:
@@ -70,6 +81,8 @@ class PagedBackend(KVBackend):
         if step.late is not None:
             index, late_ids = step.late
             ids[mx.array(index.astype(np.int32))] = late_ids
+        if store.recurrent is not None:
+            store.recurrent.begin(step.req_ids, step.lens, step.starts)
         return self._run(store, step.lens, step.starts, tables, ids, rows)
 
     def _run(self, store: PagedKVStore, lens: list[int], starts: list[int], tables: list[np.ndarray],
@@ -77,14 +90,14 @@ class PagedBackend(KVBackend):
         store.step = build_step_metadata(lens, starts, tables, self.block_size, store.limits)
         store.calls = 0
         logits = self.loaded.logits(tokens, store.layers, rows)
-        self.evaluate(logits, store.arrays())
+        self.evaluate(logits, store.arrays() + store.state_arrays())
         store.step = None
         if not self._verified:
             layers = len(self.loaded.specs)
             if store.calls != layers:
                 raise UnsupportedModelError(
                     f"{type(self.loaded.model).__module__}: only {store.calls} of {layers} layers "
-                    "attended through the paged cache; this model's attention is not supported on "
+                    "ran through the paged cache; this model's attention is not supported on "
                     "the paged path."
                 )
             self._verified = True
@@ -113,11 +126,18 @@ class PagedBackend(KVBackend):
     def _scratch_forward(self, lens: list[int], starts: list[int]) -> int:
         """One step of ``lens`` tokens at ``starts`` through a scratch store (the real pool is
         untouched); returns the store's bytes. All sequences share one block table as long as the
-        longest context: what they read and write does not matter here."""
+        longest context, and one recurrent-state slot: what they read and write does not matter
+        here, and each still gathers its own copy of the state, as a real step does."""
         need = max(-(-(s + n) // self.block_size) for n, s in zip(lens, starts, strict=True))
         table = np.arange(1, 1 + need)  # block 0 stays unused, as in vLLM's pool
-        store = self._new_store(1 + need)
+        store = self._new_store(1 + need, 1)
+        if store.recurrent is not None:  # one state slot read and written by every sequence
+            names = [f"scratch-{i}" for i in range(len(lens))]
+            store.recurrent.slot_of = dict.fromkeys(names, 0)
+            store.recurrent.held = dict(zip(names, starts, strict=True))
+            store.recurrent.begin(names, lens, starts)
         tokens = mx.zeros((sum(lens),), dtype=mx.int32)
         rows = mx.array(np.cumsum(lens).astype(np.int32) - 1)
-        mx.eval(self._run(store, lens, starts, [table] * len(lens), tokens, rows), store.arrays())
+        mx.eval(self._run(store, lens, starts, [table] * len(lens), tokens, rows), store.arrays(),
+                store.state_arrays())
         return store.nbytes()

@@ -207,6 +207,13 @@ class MetalPlatform(Platform):
             cache.block_size = cfg.block_size
         if cfg.prefix_cache_set:
             cache.enable_prefix_caching = cfg.prefix_cache
+        if cache.enable_prefix_caching and _is_hybrid(model_config):
+            logger.info("vllm-metal: prefix caching is off for %s: its recurrent-state layers keep one "
+                        "state per request, not one per cached block, so a cached prefix could not be "
+                        "resumed", model_config.architecture)
+            cache.enable_prefix_caching = False
+            cache.mamba_cache_mode = "none"  # what vLLM sets for hybrid models without prefix caching
+            cache.mamba_block_size = model_config.max_model_len
 
         # No torch.compile / CUDA graphs: the forward is MLX.
         from vllm.config import CompilationMode, CUDAGraphMode
@@ -216,6 +223,14 @@ class MetalPlatform(Platform):
         comp.cudagraph_capture_sizes = []
         comp.cudagraph_mode = CUDAGraphMode.NONE
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+
+
+def _is_hybrid(model_config) -> bool:
+    """vLLM's registry says the architecture mixes attention with recurrent-state layers."""
+    try:
+        return model_config is not None and bool(model_config.is_hybrid)
+    except Exception:  # noqa: BLE001 - an architecture vLLM cannot inspect is not known to be hybrid
+        return False
 
 
 class UnsupportedConfiguration(ValueError):

@@ -78,6 +78,7 @@ class MetalWorker(WorkerBase):
         explicit = self.cache_config.kv_cache_memory_bytes
         if explicit is not None:
             self._check_explicit_budget(int(explicit), total, weights, activations)
+            self._reserve_state(total - weights - activations - int(explicit), fits_half=False)
             return int(explicit)
         fraction = self.memory_fraction()
         available = int(total * fraction) - weights - activations
@@ -85,6 +86,7 @@ class MetalWorker(WorkerBase):
         if not on_gpu() and self.envs.memory_fraction == "auto":
             if available > CPU_AUTO_KV_CAP:
                 available, cap = CPU_AUTO_KV_CAP, " (capped on MLX's CPU backend)"
+        available -= self._reserve_state(available, fits_half=True)
         if available < runner.kv_bytes_per_block():
             raise ValueError(
                 f"vllm-metal: no memory left for the KV cache: {total / 2**30:.1f} GiB device "
@@ -101,6 +103,39 @@ class MetalWorker(WorkerBase):
             available / 2**30, cap, total / 2**30, fraction, weights / 2**30, activations / 2**20,
         )
         return available
+
+    def _reserve_state(self, room: int, fits_half: bool) -> int:
+        """Bytes reserved for recurrent state (hybrid models; 0 otherwise): one request's state
+        (``MetalModelRunner.state_bytes_per_request``) for each of ``--max-num-seqs`` requests,
+        out of ``room`` bytes. With ``fits_half`` (the KV budget is derived, not given) the state
+        may take at most half of ``room``, and ``--max-num-seqs`` is lowered to what fits, with a
+        log line; the scheduler, created after this in the engine process, admits that many."""
+        runner = self.model_runner
+        per_request = runner.state_bytes_per_request()
+        if not per_request:
+            return 0
+        seqs = self.scheduler_config.max_num_seqs
+        fit = max(room // 2 if fits_half else room, 0) // per_request
+        if fit < 1:
+            raise ValueError(
+                f"vllm-metal: no memory left for the recurrent state of one request "
+                f"({per_request / 2**20:.1f} MiB): raise VLLM_METAL_MEMORY_FRACTION or "
+                "--gpu-memory-utilization, or lower --max-num-batched-tokens or --kv-cache-memory-bytes.")
+        if fit < seqs:
+            if not fits_half:
+                raise ValueError(
+                    f"vllm-metal: recurrent state for --max-num-seqs {seqs} requests "
+                    f"({seqs * per_request / 2**30:.2f} GiB, {per_request / 2**20:.1f} MiB each) does not "
+                    f"fit beside --kv-cache-memory-bytes: lower --max-num-seqs to {fit} or less, or "
+                    "lower --kv-cache-memory-bytes.")
+            logger.info("vllm-metal: --max-num-seqs lowered from %d to %d: each running request holds "
+                        "%.1f MiB of recurrent state, reserved up front, and the state may take at most "
+                        "half of the %.2f GiB left for caches", seqs, fit, per_request / 2**20, room / 2**30)
+            seqs = self.scheduler_config.max_num_seqs = fit
+        runner.max_num_reqs = seqs
+        logger.info("vllm-metal: recurrent state reserved for %d requests: %.1f MiB (%.2f MiB each)",
+                    seqs, seqs * per_request / 2**20, per_request / 2**20)
+        return seqs * per_request
 
     def memory_fraction(self) -> float:
         """VLLM_METAL_MEMORY_FRACTION when numeric; for ``auto``, --gpu-memory-utilization unless it

@@ -17,7 +17,8 @@ phase              called from                                    installs
 ``at_activate``    ``vllm_metal.register`` once MLX imports       quiet vLLM log lines about the
                    (the platform is active in this process)       platform's own choices
 ``model_names``    ``MetalPlatform.pre_register_and_update``      GGUF files and ModelScope ids as
-                   and the ``vllm.general_plugins`` entry point   local model directories
+                   and the ``vllm.general_plugins`` entry point   local model directories; (entry
+                                                                  point only) Qwen3.5's text classes
 ``in_platform``    ``MetalPlatform.check_and_update_config``      torch.accelerator no-ops; the API
                                                                   server's key and field checks,
                                                                   Anthropic client errors in one line,
@@ -58,9 +59,11 @@ def model_names(use_modelscope: bool, modelscope_cache: str | None) -> None:
 
 def general_plugin() -> None:
     """``vllm.general_plugins`` entry point: vLLM loads it in every process before it resolves
-    the model name (EngineArgs.__post_init__), which is where ModelScope ids must be mapped."""
+    the model name (EngineArgs.__post_init__), which is where ModelScope ids must be mapped, and
+    before it inspects the architecture, which is where model classes are registered."""
     from vllm_metal import envs
 
+    vllm.qwen3_5_text_classes()
     try:
         cfg = envs.load()
     except envs.MetalConfigError:  # the platform refuses it with the variable named

@@ -400,3 +400,31 @@ def resolve_model_names(use_modelscope: bool, modelscope_cache: str | None) -> N
     _replace(model_config, "maybe_model_redirect", wrap_redirect)
     _replace(arg_utils, "maybe_override_with_speculators", wrap_speculators)
     _replace(arg_utils, "get_model_path", wrap_model_path)
+
+
+QWEN3_5_TEXT_CLASSES = ("Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM")
+
+
+def qwen3_5_text_classes() -> None:
+    """Let vLLM inspect Qwen3.5's text-only architectures (``Qwen3_5ForCausalLM``,
+    ``Qwen3_5MoeForCausalLM``) where torchvision is not installed.
+
+    vLLM registers them in ``vllm.model_executor.models.qwen3_5``, which imports its Qwen3-VL
+    module, whose image processor needs torchvision; without it (the Linux CPU stack, where
+    install.sh removes PyPI's CUDA torchvision) vLLM's model inspection fails and ``vllm serve``
+    refuses the checkpoint. vLLM only reads the class's interfaces (hybrid, inner state, MoE,
+    pipeline parallel): the model itself is mlx-lm's. So these names are registered as
+    ``vllm_metal.models.vllm_classes``' subclasses of vLLM's Qwen3-Next class, which has the same
+    interfaces and imports without torchvision.
+
+    Delete when: vLLM's qwen3_5 module imports without torchvision.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is not None:
+        return
+    from vllm import ModelRegistry
+
+    for name in QWEN3_5_TEXT_CLASSES:
+        ModelRegistry.models.pop(name, None)  # replaced quietly, not "already registered" warnings
+        ModelRegistry.register_model(name, f"vllm_metal.models.vllm_classes:{name}")
