@@ -45,8 +45,11 @@ def mlx_lm_rate(model_dir: Path, dtype: str, n: int) -> tuple[float, int]:
     from mlx.utils import tree_flatten
     from mlx_lm import load
     from mlx_lm.generate import generate_step
+    from mlx_lm.utils import load_config
 
-    model, tok = load(str(model_dir))
+    from vllm_metal.mlx_lm_models import prepare_mlx_lm
+
+    model, tok = load(str(model_dir), model_config=prepare_mlx_lm(load_config(model_dir)))  # the plugin's config fixes
     model.set_dtype(getattr(mx, dtype))
     weight_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     ids = mx.array(tok.encode(PROMPT))

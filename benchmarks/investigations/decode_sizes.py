@@ -7,7 +7,10 @@
 Checkpoints are built on the machine (random weights, the bundled SmolLM2 tokenizer, nothing
 downloaded): ``llama-1b`` and ``llama-8b`` as ``long_prompts`` builds them (HF safetensors, bf16),
 ``llama-8b-q4`` as ``mlx_lm.convert -q`` (4-bit, group 64) makes it from ``llama-8b``. Each runs
-at its own dtype (bf16; the 4-bit one with bf16 scales and activations).
+at its own dtype (bf16; the 4-bit one with bf16 scales and activations). ``qwen3_5-2b`` (and
+``-q4``) is a Qwen3.5-shaped hybrid (``HYBRID_SHAPES``: Gated DeltaNet layers 3 : 1 attention),
+built by transformers with random weights; its 4-bit copy is made by mlx-lm as ``mlx_lm.convert -q``
+would, keeping transformers' config.
 
 Per checkpoint: mlx-lm's own decode loop (``generate_step``, one stream, in a subprocess) and its
 fraction of the device's copy bandwidth / weight bytes; then ``vllm serve --dtype bfloat16`` once
@@ -38,20 +41,63 @@ from benchmarks.server import vllm_serve_command
 from benchmarks.systems import MlxLm, Server, Setup
 
 CHECKPOINTS = {"llama-1b": ("llama-1b", False), "llama-8b": ("llama-8b", False), "llama-8b-q4": ("llama-8b", True),
+               "qwen3_5-2b": ("qwen3_5-2b", False), "qwen3_5-2b-q4": ("qwen3_5-2b", True),
                # for trying the harness on a CPU in seconds (hidden from --help)
                "tiny": ("tiny", False), "tiny-q4": ("tiny", True)}
 SERVED_NAME = "llama-random"
+# A Qwen3.5-shaped hybrid (Gated DeltaNet 3 : 1 attention), ~2B parameters with SmolLM2's vocabulary:
+# transformers' Qwen3_5TextConfig layout, built by transformers (random init, bf16).
+HYBRID_SHAPES: dict[str, dict[str, Any]] = {
+    "qwen3_5-2b": {"hidden_size": 2048, "num_hidden_layers": 24, "intermediate_size": 6144,
+                   "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 256,
+                   "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
+                   "linear_num_key_heads": 16, "linear_num_value_heads": 16,
+                   "layer_types": (["linear_attention"] * 3 + ["full_attention"]) * 6,
+                   "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0,
+                                       "partial_rotary_factor": 0.25},
+                   "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "max_position_embeddings": 32768},
+}
+
+
+def build_hybrid(out: Path, shape: str, seed: int) -> None:
+    """The ``HYBRID_SHAPES`` checkpoint (HF safetensors, bf16, SmolLM2's tokenizer) in ``out``."""
+    if (out / "config.json").exists():
+        return
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fixtures.bundled_model import ensure_default_models
+    from fixtures.tiny import copy_tokenizer
+
+    tok_dir = ensure_default_models().hf
+    src = json.loads((tok_dir / "config.json").read_text())
+    config = AutoConfig.for_model("qwen3_5_text", architectures=["Qwen3_5ForCausalLM"], vocab_size=src["vocab_size"],
+                                  bos_token_id=src.get("bos_token_id"), eos_token_id=src.get("eos_token_id"),
+                                  **HYBRID_SHAPES[shape])
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    tmp = out.parent / f".{out.name}.tmp"
+    model.save_pretrained(tmp, safe_serialization=True)
+    copy_tokenizer(tok_dir, tmp)
+    tmp.rename(out)
 
 
 def checkpoint(root: Path, name: str, seed: int) -> Path:
     """The checkpoint's directory, built if missing."""
     shape, quantized = CHECKPOINTS[name]
     base = root / shape
-    ensure_checkpoint(base, shape, seed)
+    if shape in HYBRID_SHAPES:
+        build_hybrid(base, shape, seed)
+    else:
+        ensure_checkpoint(base, shape, seed)
     if not quantized:
         return base
     out = root / name
-    if not (out / "config.json").exists():
+    if not (out / "config.json").exists() and shape in HYBRID_SHAPES:  # the config keeps transformers' layout
+        from fixtures.tiny import quantize
+
+        quantize(base, out, bits=4, group_size=64)
+    elif not (out / "config.json").exists():
         from mlx_lm import convert
 
         convert(str(base), mlx_path=str(out), quantize=True, q_group_size=64, q_bits=4)
@@ -125,7 +171,7 @@ def serve_and_sweep(server: Server, levels: list[int], max_tokens: int, bias: di
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoints", nargs="+", choices=list(CHECKPOINTS), default=list(CHECKPOINTS)[:3],
-                    metavar="{llama-1b,llama-8b,llama-8b-q4}")
+                    metavar="{llama-1b,llama-8b,llama-8b-q4,qwen3_5-2b,qwen3_5-2b-q4}")
     ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32, 64])
     ap.add_argument("--one-step-ahead", nargs="+", choices=("1", "0"), default=["1", "0"])
     ap.add_argument("--mlx-lm-server", nargs="*", type=int, default=[], metavar="C",
@@ -149,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         mx.clear_cache()  # the checkpoint was built on the device; leave its memory to the servers
         loop = mlx_lm_loop(path, args.mlx_lm_tokens)
         ceiling = report["bandwidth_gbs"] * 1e9 / loop["weight_bytes"]
-        entry: dict[str, Any] = {"checkpoint": name, "shape": SHAPES[CHECKPOINTS[name][0]], "mlx_lm_loop": loop,
+        shape = CHECKPOINTS[name][0]
+        entry: dict[str, Any] = {"checkpoint": name, "shape": SHAPES.get(shape) or HYBRID_SHAPES[shape],
+                                 "mlx_lm_loop": loop,
                                  "ceiling_tok_s": ceiling, "mlx_lm_of_ceiling": loop["tok_s"] / ceiling,
                                  "servers": []}
         print(f"{name}: mlx-lm loop {loop['tok_s']:.0f} tok/s ({loop['tok_s'] / ceiling:.0%} of "
