@@ -183,7 +183,7 @@ def run_layer_cache(case: Case, window: int | None, sinks: mx.array | None = Non
                          case.block_size, case.dtype)
     if copy_reads is not None:
         store.copy_reads = copy_reads
-    store.k[0], store.v[0], store.step = _pool4(case.k_pool), _pool4(case.v_pool), case.meta
+    store.k[0], store.v[0], store.steps = _pool4(case.k_pool), _pool4(case.v_pool), [case.meta]
     out = PagedLayerCache(store, 0, window).attend(case.queries.reshape(t, HEADS, 1, HEAD_DIM), case.scale, sinks,
                                                    softcap)
     assert out.shape == (t, HEADS, 1, HEAD_DIM) and out.dtype == case.dtype
@@ -316,7 +316,7 @@ def test_layer_cache_writes_and_attends(kind):
     store = PagedKVStore([LayerSpec(4, 2, HEAD_DIM, HEAD_DIM, None)], num_blocks, 8, mx.float32)
     store.k[0] = _pool4(mx.array(case.k_before.astype(np.float32)))
     store.v[0] = _pool4(mx.array(case.v_before.astype(np.float32)))
-    store.step = case.meta
+    store.steps = [case.meta]
     cache = PagedLayerCache(store, 0, window=None)
     np.testing.assert_array_equal(np.array(cache.offset), np.array(case.meta.positions))
     cache.update_and_fetch(case.k_new.reshape(t, 2, 1, HEAD_DIM), case.v_new.reshape(t, 2, 1, HEAD_DIM))

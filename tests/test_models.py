@@ -424,6 +424,31 @@ def test_hybrid_layers_hold_state_not_kv(tmp_path):
     worker.shutdown()
 
 
+def test_sliding_window_layers_hold_only_their_window(tmp_path):
+    """Gemma 3's local layers hold only their window: the worker gives them vLLM's sliding-window
+    spec, so vLLM frees their blocks behind the window, and a KV budget of half what one
+    full-length request would need with every layer full attention (6 layers x 16 blocks) serves
+    one (the global layer's 16 blocks, each local layer's window and a prefill chunk), with
+    transformers' tokens."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
+
+    spec = tiny.BY_NAME["gemma3"]
+    path = tiny.build(spec, tmp_path / spec.name)
+    worker = metal_worker(path, dtype="float32", max_model_len=256, num_blocks=16, block_size=16)
+    kinds = [type(s) for s in worker.get_kv_cache_spec().values()]
+    worker.shutdown()
+    assert kinds == [SlidingWindowSpec] * 5 + [FullAttentionSpec]
+    page = 16 * 2 * spec.config["num_key_value_heads"] * spec.config["head_dim"] * 4
+    prompt = _prompts(path)[2]
+    server = VllmServer(path, ["--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "2",
+                               "--max-num-batched-tokens", str(STEP_TOKENS), "--seed", "0",
+                               "--kv-cache-memory-bytes", str(48 * page)], name="gemma3-windows")
+    try:
+        assert completion_tokens(server, prompt, N_NEW) == hf_greedy(path, prompt, N_NEW)
+    finally:
+        server.stop()
+
+
 def test_supported_models_doc_matches_this_run():
     """docs/supported_models.md must say what this run proved for every architecture it ran."""
     if not RESULTS:

@@ -388,23 +388,36 @@ class PagedKVStore:
     """
 
     def __init__(self, specs: list[LayerSpec], num_blocks: int, block_size: int, dtype: mx.Dtype,
-                 limits: AttnLimits | None = None, state_slots: int = 0):
+                 limits: AttnLimits | None = None, state_slots: int = 0,
+                 layer_groups: list[int] | None = None, layer_tensors: list[int | None] | None = None):
         self.block_size = block_size
         self.limits = limits  # how a step's attention is split (None: one call per kind)
         self.num_blocks = num_blocks
         slots = num_blocks * block_size
-        # one pool pair per layer that holds K/V; None for a layer that reads another's, or keeps
-        # recurrent state (in ``self.recurrent``, ``state_slots`` requests' worth)
-        self.k = [mx.zeros((slots, s.kv_heads, 1, s.head_dim), dtype=dtype) if s.holds_kv else None
-                  for s in specs]
-        self.v = [mx.zeros((slots, s.kv_heads, 1, s.v_head_dim), dtype=dtype) if s.holds_kv else None
-                  for s in specs]
+        # The pool pair each layer that holds K/V writes: its own, or, where vLLM shares one memory
+        # tensor between a layer of each KV cache group (``layer_tensors``), that tensor's (its
+        # groups never hold the same block id at once). A layer that reads another's K/V uses the
+        # source's pools and group; recurrent layers keep state in ``self.recurrent`` instead.
+        n = len(specs)
+        source = [i if s.kv_source is None else s.kv_source for i, s in enumerate(specs)]
+        own = [i if layer_tensors is None else layer_tensors[i] for i in range(n)]
+        self.pool_of = [own[source[i]] if specs[source[i]].holds_kv else None for i in range(n)]
+        self.group_of = [0 if layer_groups is None else layer_groups[source[i]] for i in range(n)]
+        first = {}
+        for i, pool in enumerate(self.pool_of):
+            if pool is not None:
+                first.setdefault(pool, specs[i])
+        width = max(first, default=-1) + 1
+        self.k = [mx.zeros((slots, first[p].kv_heads, 1, first[p].head_dim), dtype=dtype) if p in first else None
+                  for p in range(width)]
+        self.v = [mx.zeros((slots, first[p].kv_heads, 1, first[p].v_head_dim), dtype=dtype) if p in first else None
+                  for p in range(width)]
         mx.eval(self.arrays())
         states = {i: s.state for i, s in enumerate(specs) if s.state is not None}
         self.recurrent = RecurrentStore(states, state_slots) if states else None
         self.phys = np.arange(num_blocks, dtype=np.int32)  # block id -> physical block
         self.owner = np.arange(num_blocks, dtype=np.int32)  # physical block -> block id
-        self.step: StepMetadata | None = None
+        self.steps: list[StepMetadata] = []  # the step's metadata, per KV cache group
         self.calls = 0
         # MLX's CPU SDPA is composed of matmuls, which copy a strided operand through a slow
         # general path (GQA broadcasts it too); one explicit copy per read is cheaper there
@@ -415,8 +428,8 @@ class PagedKVStore:
     def _layer_cache(self, i: int, spec: LayerSpec) -> PagedLayerCache | RecurrentLayerCache:
         if spec.state is not None:
             return RecurrentLayerCache(self.recurrent, i, self._count_call)
-        source = i if spec.kv_source is None else spec.kv_source
-        return PagedLayerCache(self, source, spec.window, writes=spec.kv_source is None)
+        return PagedLayerCache(self, self.pool_of[i], spec.window, writes=spec.kv_source is None,
+                               group=self.group_of[i])
 
     def _count_call(self) -> None:
         self.calls += 1
@@ -440,11 +453,12 @@ class PagedKVStore:
         self._copy_physical(src, dst)
         mx.eval(self.arrays())
 
-    def physical_tables(self, tables: list[np.ndarray]) -> list[np.ndarray]:
-        """The step's block tables in physical blocks. A step of one sequence first has its
-        blocks placed consecutively: all it holds, so blocks vLLM allocated ahead of the context
-        (speculative drafts, the next step's slots) are in place when the context reaches them."""
-        if len(tables) == 1:
+    def physical_tables(self, tables: list[np.ndarray], place: bool = True) -> list[np.ndarray]:
+        """The step's block tables in physical blocks. With ``place``, a step of one sequence first
+        has its blocks placed consecutively: all it holds, so blocks vLLM allocated ahead of the
+        context (speculative drafts, the next step's slots) are in place when the context reaches
+        them."""
+        if place and len(tables) == 1:
             self.place_consecutive(tables[0])
         return [self.phys[t] for t in tables]
 
@@ -535,18 +549,25 @@ class LayerSpec:
 
 class PagedLayerCache:
     """Stands in for an mlx-lm KV cache of one layer; the model's attention code calls it.
-    ``layer`` is the pool it reads (its own, or the source layer's where it shares K/V);
-    ``writes`` is False for a layer that shares another's K/V (that layer wrote them)."""
+    ``layer`` is the pool it reads (its own, or the source layer's where it shares K/V; a memory
+    tensor's where vLLM shares one between groups), ``group`` the KV cache group whose block table
+    it uses; ``writes`` is False for a layer that shares another's K/V (that layer wrote them)."""
 
-    def __init__(self, store: PagedKVStore, layer: int, window: int | None, writes: bool = True):
+    def __init__(self, store: PagedKVStore, layer: int, window: int | None, writes: bool = True,
+                 group: int = 0):
         self.store = store
         self.layer = layer
         self.window = window
         self.writes = writes
+        self.group = group
+
+    @property
+    def step(self) -> StepMetadata:
+        return self.store.steps[self.group]
 
     @property
     def offset(self) -> mx.array:
-        return self.store.step.positions
+        return self.step.positions
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """Write this step's K/V (shape ``(T, KVH, 1, D)``) into the pools by slot mapping (a
@@ -554,7 +575,7 @@ class PagedLayerCache:
         shares another's K/V writes nothing: the source layer wrote these."""
         if not self.writes:
             return keys, values
-        step = self.store.step
+        step = self.step
         k_pool = self.store.k[self.layer]
         v_pool = self.store.v[self.layer]
         where = step.slot_mapping if step.slot_range is None else slice(*step.slot_range)
@@ -571,7 +592,7 @@ class PagedLayerCache:
                softcap: float | None = None) -> mx.array:
         """Queries ``(T, H, 1, D)`` -> output ``(T, H, 1, Dv)``; ``softcap`` soft-caps the scores."""
         self.store.calls += 1
-        step = self.store.step
+        step = self.step
         g = step.groups[0]
         if (len(step.groups) == 1 and (g.ctx_slot0 is not None or g.ctx_slots is not None)
                 and (start := g.visible_from(self.window)) is not None):
@@ -581,7 +602,7 @@ class PagedLayerCache:
             queries.reshape(t, h, -1),
             self.store.k[self.layer],
             self.store.v[self.layer],
-            self.store.step,
+            step,
             self.store.block_size,
             scale,
             self.window,
@@ -607,7 +628,7 @@ class PagedLayerCache:
             o = sdpa(queries, k, v, scale, None, sinks, softcap)
             return _as(o, queries.dtype)
         q = queries.transpose(2, 1, 0, 3)  # (T, H, 1, D) -> (1, H, T, D)
-        n, limits = q.shape[2], self.store.step.limits
+        n, limits = q.shape[2], self.step.limits
         tiles = [(0, n)] if limits is None else limits.tiles(n, k.shape[2])
         outs: list[mx.array] = []
         for a, b in tiles:

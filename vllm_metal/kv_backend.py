@@ -14,7 +14,7 @@ Backends: ``vllm_metal.paged.PagedBackend`` (vLLM-managed blocks, one packed for
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import numpy as np
@@ -34,6 +34,9 @@ class StepBatch:
     # Input ids still on the device (sampled one step ahead): (packed token index, ids); the
     # histories hold placeholders there. Only for backends with ``reads_late_tokens``.
     late: tuple[np.ndarray, mx.array] | None = None
+    # With several KV cache groups (sliding-window layers beside full-attention ones): the block
+    # ids of each further group, group by group, then request by request (``tables`` is group 0's).
+    group_tables: list[list[np.ndarray]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

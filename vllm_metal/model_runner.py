@@ -33,7 +33,7 @@ from vllm.config import VllmConfig
 from vllm.logger import init_logger
 from vllm.sampling_params import SamplingType
 from vllm.v1.core.sched.output import SchedulerOutput
-from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheSpec
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheSpec, SlidingWindowSpec
 from vllm.v1.outputs import (
     EMPTY_MODEL_RUNNER_OUTPUT,
     AsyncModelRunnerOutput,
@@ -169,6 +169,9 @@ class MetalModelRunner:
         self.loras: LoRAs | None = None  # --enable-lora: the adapters vLLM has added
         self.kv: KVBackend | None = None  # created with the model, allocated by initialize_kv_cache
         self._num_blocks = 0
+        self.layer_groups: list[int] | None = None  # each layer's KV cache group (initialize_kv_cache)
+        self.layer_tensors: list[int | None] | None = None  # each layer's pool (shared across groups)
+        self.place_group = 0  # the full-attention group, whose blocks a lone sequence has placed
         self._pending: _PendingStep | FailedStep | None = None
         self._last_step_end = 0.0  # VLLM_METAL_DEBUG step timing
         # One step ahead: tokens sampled on the device that the host does not hold yet. vLLM's
@@ -181,15 +184,15 @@ class MetalModelRunner:
         self._host_sampled: dict[str, str] = {}  # req_id -> the parameter only vLLM's Sampler applies
         self.evaluate.wait = not self.one_step_ahead
 
-    def _new_input_batch(self, logitsprocs) -> InputBatch:
+    def _new_input_batch(self, logitsprocs, groups: int = 1) -> InputBatch:
         return InputBatch(
             max_num_reqs=self.max_num_reqs,
             max_model_len=self.max_model_len,
             max_num_batched_tokens=self.max_num_tokens,
             device=self.device,
             vocab_size=self.vocab_size,
-            block_sizes=[self.block_size],
-            max_num_blocks_per_req=[-(-self.max_model_len // self.block_size)],
+            block_sizes=[self.block_size] * groups,
+            max_num_blocks_per_req=[-(-self.max_model_len // self.block_size)] * groups,
             logitsprocs=logitsprocs,
             is_pooling_model=self.pooling is not None,
             num_spec_tokens=self.num_draft_tokens,
@@ -224,24 +227,29 @@ class MetalModelRunner:
         budget = attention_budget(self.envs.attention_mb)
         limits = attention_limits(self.loaded.specs, self.loaded.dtype, budget)
         return PagedBackend(self.loaded, self.block_size, self.max_model_len, limits, self.evaluate,
-                            state_slots=self.max_num_reqs)
+                            state_slots=self.max_num_reqs, layer_groups=self.layer_groups,
+                            layer_tensors=self.layer_tensors, place_group=self.place_group)
 
     def get_kv_cache_spec(self) -> dict[str, KVCacheSpec]:
-        """One full-attention spec per layer that holds K/V (not those reading another layer's, nor
-        recurrent layers, whose state the worker reserves per request: ``state_bytes_per_request``);
-        sliding windows are applied in the mask only."""
+        """One spec per layer that holds K/V (not those reading another layer's, nor recurrent
+        layers, whose state the worker reserves per request: ``state_bytes_per_request``).
+
+        A sliding-window layer gets vLLM's sliding-window spec, so vLLM frees its blocks behind
+        the window and admits requests by what their layers really hold, where the paged pools can
+        share memory between such layers and full-attention ones: every K/V layer has the same
+        geometry (vLLM then gives a block's memory to one layer of each group at a time). Otherwise
+        every layer is full attention and windows are applied in the mask only."""
         dtype = self.model_config.dtype
+        kv = {i: s for i, s in enumerate(self.loaded.specs) if s.holds_kv}
+        geometry = {(s.kv_heads, s.head_dim, s.v_head_dim) for s in kv.values()}
+        windows = self.envs.use_paged_attention and len(geometry) == 1
         specs: dict[str, KVCacheSpec] = {}
-        for i, s in enumerate(self.loaded.specs):
-            if not s.holds_kv:
-                continue
-            specs[f"model.layers.{i}.self_attn"] = FullAttentionSpec(
-                block_size=self.block_size,
-                num_kv_heads=s.kv_heads,
-                head_size=s.head_dim,
-                head_size_v=s.v_head_dim,
-                dtype=dtype,
-            )
+        for i, s in kv.items():
+            shape = dict(block_size=self.block_size, num_kv_heads=s.kv_heads, head_size=s.head_dim,
+                         head_size_v=s.v_head_dim, dtype=dtype)
+            specs[f"model.layers.{i}.self_attn"] = (
+                SlidingWindowSpec(**shape, sliding_window=s.window) if windows and s.window is not None
+                else FullAttentionSpec(**shape))
         return specs
 
     def kv_bytes_per_block(self) -> int:
@@ -259,12 +267,28 @@ class MetalModelRunner:
         return sum(a.nbytes for s in self.loaded.specs if s.state is not None for a in s.state)
 
     def initialize_kv_cache(self, kv_cache_config: KVCacheConfig) -> None:
+        """Allocate the cache vLLM sized. With several groups (sliding-window and full-attention
+        layers), each layer reads the block table of its group and writes a pool that vLLM's
+        layout shares with one layer of each other group."""
         groups = kv_cache_config.kv_cache_groups
-        if len(groups) != 1:
+        if len(groups) != 1 and not self.envs.use_paged_attention:
             raise UnsupportedModelError(f"expected one KV cache group, got {len(groups)}")
         self.block_size = groups[0].kv_cache_spec.block_size
-        self.input_batch = self._new_input_batch(self.input_batch.logitsprocs)
+        if any(g.kv_cache_spec.block_size != self.block_size for g in groups):
+            raise UnsupportedModelError("KV cache groups with different block sizes are not supported")
+        self.input_batch = self._new_input_batch(self.input_batch.logitsprocs, len(groups))
         self._num_blocks = kv_cache_config.num_blocks
+        group_of = {name: g for g, group in enumerate(groups) for name in group.layer_names}
+        # A layer's pages start at the same byte as another's exactly where vLLM overlays groups
+        # on one memory (a block id belongs to one group at a time): those layers share a pool.
+        starts = {name: t.offset + k * t.layer_stride for t in kv_cache_config.kv_cache_tensors
+                  for k, name in enumerate(t.layers)}
+        pools = {start: p for p, start in enumerate(dict.fromkeys(starts.values()))}
+        names = [f"model.layers.{i}.self_attn" for i in range(len(self.loaded.specs))]
+        self.layer_groups = [group_of.get(n, 0) for n in names]
+        self.layer_tensors = [pools[starts[n]] if n in starts else None for n in names] if starts else None
+        self.place_group = next((g for g, group in enumerate(groups)
+                                 if not isinstance(group.kv_cache_spec, SlidingWindowSpec)), 0)
         self.kv = self._new_backend()
         self.kv.allocate(self._num_blocks)
         logger.info("vllm-metal: %s", self.kv.describe())
@@ -443,6 +467,8 @@ class MetalModelRunner:
         batch = self.input_batch
         table = batch.block_table[0]
         step = StepBatch([], [], [], [], [], [], [])
+        others = [batch.block_table[g] for g in range(1, len(batch.block_table.block_tables))]
+        step.group_tables = [[] for _ in others]
         late: dict[int, tuple[mx.array, list[int], list[int]]] = {}  # by array: (ids, rows, packed index)
         offset = 0
         for i, req_id in enumerate(batch.req_ids):
@@ -461,6 +487,8 @@ class MetalModelRunner:
             step.starts.append(start)
             step.histories.append(batch.token_ids_cpu[i, : start + n])
             step.tables.append(table.block_table.np[i, : table.num_blocks_per_row[i]])
+            for tables, other in zip(step.group_tables, others, strict=True):
+                tables.append(other.block_table.np[i, : other.num_blocks_per_row[i]])
             step.all_rows.append(req_id in self.num_prompt_logprobs or self.pooling is not None or drafts > 0)
             step.prompt_lens.append(int(batch.num_prompt_tokens[i]))
         if late:

@@ -22,9 +22,14 @@ class PagedBackend(KVBackend):
     reads_late_tokens = True
 
     def __init__(self, loaded: LoadedModel, block_size: int, max_model_len: int, limits: AttnLimits,
-                 evaluate: EvalTimer, state_slots: int = 0):
+                 evaluate: EvalTimer, state_slots: int = 0, layer_groups: list[int] | None = None,
+                 layer_tensors: list[int | None] | None = None, place_group: int = 0):
         self.loaded = loaded
         self.state_slots = state_slots  # requests whose recurrent state the store holds at once
+        self.layer_groups = layer_groups  # each layer's KV cache group (None: one group)
+        self.layer_tensors = layer_tensors  # each layer's memory tensor (None: a pool per layer)
+        self.num_groups = 1 + max(layer_groups or [0])
+        self.place_group = place_group  # the group whose blocks a lone sequence has placed in one run
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.limits = limits
@@ -34,7 +39,7 @@ class PagedBackend(KVBackend):
 
     def _new_store(self, num_blocks: int, state_slots: int) -> PagedKVStore:
         return PagedKVStore(self.loaded.specs, num_blocks, self.block_size, self.loaded.dtype, self.limits,
-                            state_slots)
+                            state_slots, self.layer_groups, self.layer_tensors)
 
     def allocate(self, num_blocks: int) -> None:
         self.store = self._new_store(num_blocks, self.state_slots)
@@ -62,14 +67,20 @@ class PagedBackend(KVBackend):
         state = "" if store.recurrent is None else (
             f"; recurrent state for {store.recurrent.slots} requests "
             f"({store.recurrent.nbytes() / 2**20:.1f} MiB)")
-        return (f"paged KV cache of {store.num_blocks} blocks x {self.block_size} tokens "
+        groups = "" if self.num_groups == 1 else (
+            f" in {self.num_groups} groups over {sum(a is not None for a in store.k)} pools "
+            "(sliding-window layers hold only their window)")
+        return (f"paged KV cache of {store.num_blocks} blocks x {self.block_size} tokens{groups} "
                 f"({kv / 2**20:.1f} MiB){state}; attention calls hold up to "
                 f"{self.limits.budget / 2**20:.0f} MiB each")
 
     def forward(self, step: StepBatch) -> mx.array:
         store = self.store
         ends = [s + n for s, n in zip(step.starts, step.lens, strict=True)]
-        tables = store.physical_tables(step.tables)
+        groups = [step.tables, *step.group_tables]
+        if len(step.lens) == 1:  # a lone sequence's full-attention blocks are placed first
+            store.place_consecutive(groups[self.place_group][0])
+        tables = [store.physical_tables(t, place=False) for t in groups]
         tokens = np.concatenate([h[s:e] for h, s, e in zip(step.histories, step.starts, ends, strict=True)])
         rows = None  # every row's logits, in order: a step of decodes only
         if any(step.all_rows) or step.num_tokens != len(step.lens):
@@ -85,13 +96,14 @@ class PagedBackend(KVBackend):
             store.recurrent.begin(step.req_ids, step.lens, step.starts)
         return self._run(store, step.lens, step.starts, tables, ids, rows)
 
-    def _run(self, store: PagedKVStore, lens: list[int], starts: list[int], tables: list[np.ndarray],
+    def _run(self, store: PagedKVStore, lens: list[int], starts: list[int], tables: list[list[np.ndarray]],
              tokens: mx.array, rows: mx.array | None) -> mx.array:
-        store.step = build_step_metadata(lens, starts, tables, self.block_size, store.limits)
+        """``tables``: per KV cache group, each request's physical blocks."""
+        store.steps = [build_step_metadata(lens, starts, t, self.block_size, store.limits) for t in tables]
         store.calls = 0
         logits = self.loaded.logits(tokens, store.layers, rows)
         self.evaluate(logits, store.arrays() + store.state_arrays())
-        store.step = None
+        store.steps = []
         if not self._verified:
             layers = len(self.loaded.specs)
             if store.calls != layers:
@@ -138,6 +150,6 @@ class PagedBackend(KVBackend):
             store.recurrent.begin(names, lens, starts)
         tokens = mx.zeros((sum(lens),), dtype=mx.int32)
         rows = mx.array(np.cumsum(lens).astype(np.int32) - 1)
-        mx.eval(self._run(store, lens, starts, [table] * len(lens), tokens, rows), store.arrays(),
-                store.state_arrays())
+        mx.eval(self._run(store, lens, starts, [[table] * len(lens)] * self.num_groups, tokens, rows),
+                store.arrays(), store.state_arrays())
         return store.nbytes()

@@ -110,7 +110,7 @@ class MetalPlatform(Platform):
 
     @classmethod
     def support_hybrid_kv_cache(cls) -> bool:
-        return False
+        return True  # several KV cache groups: sliding-window layers hold only their window
 
     @classmethod
     def get_device_communicator_cls(cls) -> str:

@@ -151,10 +151,12 @@ class MetalWorker(WorkerBase):
         """vLLM's own message for a budget below one full-length request says 0.0 GiB and points
         at --gpu-memory-utilization, which --kv-cache-memory-bytes overrides; name the real knobs.
         A budget that leaves no room for the weights and the largest step is refused too."""
+        from vllm.v1.core.kv_cache_utils import max_memory_usage_bytes
+
         runner = self.model_runner
         per_block = runner.kv_bytes_per_block()
         max_len = self.model_config.max_model_len
-        need = per_block * -(-max_len // runner.block_size)
+        need = max_memory_usage_bytes(self.vllm_config, runner.get_kv_cache_spec().values())  # windows count
         if budget < need:
             fits = budget // per_block * runner.block_size
             shorter = f", or lower --max-model-len to {fits} or less" if fits else ""
