@@ -73,7 +73,7 @@ EXPECTED_REFUSALS = {
 # Hybrid models: recurrent-state layers keep one state per request, so the platform turns prefix
 # caching off for them (vLLM's registry marks them hybrid); the repeat must give the same tokens
 # without a hit.
-PREFIX_CACHE_OFF = {"qwen3_5", "qwen3_5_moe", "qwen3_next"}
+PREFIX_CACHE_OFF = {"qwen3_5", "qwen3_5_moe", "qwen3_next", "lfm2", "granitemoehybrid"}
 SUPPORTED = [s for s in tiny.SPECS if s.name not in EXPECTED_REFUSALS]
 REFUSED = [s for s in (*tiny.SPECS, tiny.UNSUPPORTED) if s.name in EXPECTED_REFUSALS]
 ORDER = [s.name for s in (*SUPPORTED, *REFUSED)]

@@ -183,6 +183,22 @@ def test_mlx_lm_ignores_transformers5_rope_parameters():
     assert ModelArgs.from_dict(config).rope_theta != 500000.0
 
 
+def test_mlx_lm_granite_hybrid_cannot_build_transformers_5_layer_types():
+    """patches.mlx_lm.config_overrides (Granite 4.0 hybrids' layer_types)"""
+    from mlx_lm.models import granitemoehybrid
+
+    config = {"model_type": "granitemoehybrid", "vocab_size": 100, "hidden_size": 64, "intermediate_size": 32,
+              "num_hidden_layers": 1, "max_position_embeddings": 64, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "attention_bias": False, "embedding_multiplier": 1.0,
+              "attention_multiplier": 1.0, "logits_scaling": 1.0, "residual_multiplier": 1.0,
+              "num_local_experts": 2, "num_experts_per_tok": 1, "shared_intermediate_size": 32,
+              "mamba_n_heads": 4, "mamba_d_head": 32, "mamba_proj_bias": False, "mamba_d_state": 16,
+              "mamba_d_conv": 4, "mamba_n_groups": 1, "mamba_conv_bias": True,
+              "layer_types": ["linear_attention"], "rms_norm_eps": 1e-5, "rope_theta": 10000.0}
+    with pytest.raises(ValueError, match="Unknown layer type"):
+        granitemoehybrid.Model(granitemoehybrid.ModelArgs.from_dict(config))
+
+
 def test_mlx_lm_gpt_oss_cannot_read_dense_experts():
     """patches.mlx_lm.gpt_oss_dense_experts"""
     import mlx.core as mx

@@ -214,12 +214,12 @@ def _paged_class(base: type) -> type:
         cache = args[ours] if ours is not None else kwargs["cache"]
 
         def call(xs, state):
-            a = [None] * len(args)  # the model's mask is for its own packing: none here
-            if ours is not None:
-                a[ours] = state
-                return base.__call__(self, xs, *a, **{k: v for k, v in kwargs.items() if k != "mask"})
-            return base.__call__(self, xs, *a, **{**{k: v for k, v in kwargs.items() if k != "mask"},
-                                                  "cache": state})
+            # the model's mask (None from our cache's make_mask) and cache become this call's
+            a = [state if i == ours else None for i in range(len(args))]
+            kw = {k: None if k == "mask" else v for k, v in kwargs.items()}
+            if ours is None:
+                kw["cache"] = state
+            return base.__call__(self, xs, *a, **kw)
 
         return cache.run(call, x)
 

@@ -12,7 +12,8 @@ def config_overrides(config: dict) -> dict:
     transformers 5 writes RoPE settings only as ``rope_parameters`` (``rope_theta``,
     ``rope_type`` and scaling factors; per layer type for Gemma 3) and renames some fields when
     it saves (``num_experts`` -> ``num_local_experts``, ``sliding_window_pattern`` ->
-    ``_sliding_window_pattern``, Gemma 4's ``global_head_dim`` -> ``per_layer_config``).
+    ``_sliding_window_pattern``, Gemma 4's ``global_head_dim`` -> ``per_layer_config``, Granite
+    4.0 hybrids' ``layer_types`` ``mamba``/``attention`` -> ``linear_attention``/``full_attention``).
     mlx-lm 0.32.2 reads the older top-level keys and silently falls back to its defaults (e.g.
     theta 10000), which changes every logit, or fails to build the model. This returns the
     values copied up, for the older keys that are absent; the loader passes them to mlx-lm.
@@ -47,6 +48,13 @@ def config_overrides(config: dict) -> dict:
         for old, new in (("global_head_dim", "head_dim"), ("num_global_key_value_heads", "num_key_value_heads")):
             if old not in config and new in first:
                 overrides[old] = first[new]
+    # Granite 4.0 hybrids: transformers 5 writes layer_types as linear_attention/full_attention,
+    # mlx-lm's granitemoehybrid builds only "mamba" and "attention" layers.
+    kinds = config.get("layer_types")
+    if config.get("model_type") == "granitemoehybrid" and isinstance(kinds, list) and \
+            {"linear_attention", "full_attention"} & set(kinds):
+        names = {"linear_attention": "mamba", "full_attention": "attention"}
+        overrides["layer_types"] = [names.get(k, k) for k in kinds]
     return overrides
 
 
