@@ -389,18 +389,18 @@ class PagedKVStore:
 
     def __init__(self, specs: list[LayerSpec], num_blocks: int, block_size: int, dtype: mx.Dtype,
                  limits: AttnLimits | None = None, state_slots: int = 0,
-                 layer_groups: list[int] | None = None, layer_tensors: list[int | None] | None = None):
+                 layer_groups: list[int] | None = None, layer_pools: list[int | None] | None = None):
         self.block_size = block_size
         self.limits = limits  # how a step's attention is split (None: one call per kind)
         self.num_blocks = num_blocks
         slots = num_blocks * block_size
-        # The pool pair each layer that holds K/V writes: its own, or, where vLLM shares one memory
-        # tensor between a layer of each KV cache group (``layer_tensors``), that tensor's (its
-        # groups never hold the same block id at once). A layer that reads another's K/V uses the
+        # The pool pair each layer that holds K/V writes: its own, or, where vLLM overlays its KV
+        # cache groups on one memory, the pool ``layer_pools`` names, shared with one layer of each
+        # other group (the groups never hold the same block id at once). A layer that reads another's K/V uses the
         # source's pools and group; recurrent layers keep state in ``self.recurrent`` instead.
         n = len(specs)
         source = [i if s.kv_source is None else s.kv_source for i, s in enumerate(specs)]
-        own = [i if layer_tensors is None else layer_tensors[i] for i in range(n)]
+        own = [i if layer_pools is None else layer_pools[i] for i in range(n)]
         self.pool_of = [own[source[i]] if specs[source[i]].holds_kv else None for i in range(n)]
         self.group_of = [0 if layer_groups is None else layer_groups[source[i]] for i in range(n)]
         first = {}
@@ -438,12 +438,16 @@ class PagedKVStore:
         """The K/V pools (what block copies and placement move)."""
         return [a for a in self.k + self.v if a is not None]
 
+    def kv_nbytes(self) -> int:
+        """Bytes of the K/V pools (one block of every pool: this / ``num_blocks``)."""
+        return sum(a.nbytes for a in self.arrays())
+
     def state_arrays(self) -> list[mx.array]:
         """The recurrent-state pools (empty without recurrent layers)."""
         return [] if self.recurrent is None else self.recurrent.arrays()
 
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.arrays() + self.state_arrays())
+        return self.kv_nbytes() + sum(a.nbytes for a in self.state_arrays())
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy whole blocks ``src -> dst`` (block ids) in every layer (scheduler-requested copies)."""
@@ -498,7 +502,7 @@ class PagedKVStore:
                     phys[b], phys[other] = target, here
                     owner[target], owner[here] = b, other
             moved = np.flatnonzero(phys != self.phys)  # block ids whose K/V change place
-            if len(moved) * sum(a.nbytes for a in self.arrays()) <= MAX_MOVE_BYTES * self.num_blocks:
+            if len(moved) * self.kv_nbytes() <= MAX_MOVE_BYTES * self.num_blocks:
                 self._copy_physical(self.phys[moved], phys[moved])
                 self.phys, self.owner = phys, owner
                 self.moved_blocks += len(moved)

@@ -68,6 +68,11 @@ PLACEHOLDER = -1  # a sampled token id the device has not returned yet
 OUR_SCHEDULERS = {f"{c.__module__}.{c.__qualname__}" for c in (MetalScheduler, MetalAsyncScheduler)}
 
 
+def _layer_name(i: int) -> str:
+    """The name vLLM knows layer ``i``'s KV cache by (its specs, groups and tensors)."""
+    return f"model.layers.{i}.self_attn"
+
+
 def attention_budget(setting: int | str) -> int:
     """Bytes one attention call may hold (VLLM_METAL_ATTENTION_MB; ``auto``: 1/64 of device memory,
     between 64 MiB and 1 GiB)."""
@@ -170,7 +175,7 @@ class MetalModelRunner:
         self.kv: KVBackend | None = None  # created with the model, allocated by initialize_kv_cache
         self._num_blocks = 0
         self.layer_groups: list[int] | None = None  # each layer's KV cache group (initialize_kv_cache)
-        self.layer_tensors: list[int | None] | None = None  # each layer's pool (shared across groups)
+        self.layer_pools: list[int | None] | None = None  # each layer's pool (shared across groups)
         self.place_group = 0  # the full-attention group, whose blocks a lone sequence has placed
         self._pending: _PendingStep | FailedStep | None = None
         self._last_step_end = 0.0  # VLLM_METAL_DEBUG step timing
@@ -228,7 +233,7 @@ class MetalModelRunner:
         limits = attention_limits(self.loaded.specs, self.loaded.dtype, budget)
         return PagedBackend(self.loaded, self.block_size, self.max_model_len, limits, self.evaluate,
                             state_slots=self.max_num_reqs, layer_groups=self.layer_groups,
-                            layer_tensors=self.layer_tensors, place_group=self.place_group)
+                            layer_pools=self.layer_pools, place_group=self.place_group)
 
     def get_kv_cache_spec(self) -> dict[str, KVCacheSpec]:
         """One spec per layer that holds K/V (not those reading another layer's, nor recurrent
@@ -247,7 +252,7 @@ class MetalModelRunner:
         for i, s in kv.items():
             shape = dict(block_size=self.block_size, num_kv_heads=s.kv_heads, head_size=s.head_dim,
                          head_size_v=s.v_head_dim, dtype=dtype)
-            specs[f"model.layers.{i}.self_attn"] = (
+            specs[_layer_name(i)] = (
                 SlidingWindowSpec(**shape, sliding_window=s.window) if windows and s.window is not None
                 else FullAttentionSpec(**shape))
         return specs
@@ -284,9 +289,9 @@ class MetalModelRunner:
         starts = {name: t.offset + k * t.layer_stride for t in kv_cache_config.kv_cache_tensors
                   for k, name in enumerate(t.layers)}
         pools = {start: p for p, start in enumerate(dict.fromkeys(starts.values()))}
-        names = [f"model.layers.{i}.self_attn" for i in range(len(self.loaded.specs))]
+        names = [_layer_name(i) for i in range(len(self.loaded.specs))]
         self.layer_groups = [group_of.get(n, 0) for n in names]
-        self.layer_tensors = [pools[starts[n]] if n in starts else None for n in names] if starts else None
+        self.layer_pools = [pools[starts[n]] if n in starts else None for n in names] if starts else None
         self.place_group = next((g for g, group in enumerate(groups)
                                  if not isinstance(group.kv_cache_spec, SlidingWindowSpec)), 0)
         self.kv = self._new_backend()

@@ -23,11 +23,11 @@ class PagedBackend(KVBackend):
 
     def __init__(self, loaded: LoadedModel, block_size: int, max_model_len: int, limits: AttnLimits,
                  evaluate: EvalTimer, state_slots: int = 0, layer_groups: list[int] | None = None,
-                 layer_tensors: list[int | None] | None = None, place_group: int = 0):
+                 layer_pools: list[int | None] | None = None, place_group: int = 0):
         self.loaded = loaded
         self.state_slots = state_slots  # requests whose recurrent state the store holds at once
         self.layer_groups = layer_groups  # each layer's KV cache group (None: one group)
-        self.layer_tensors = layer_tensors  # each layer's memory tensor (None: a pool per layer)
+        self.layer_pools = layer_pools  # each layer's pool, shared across groups (None: one per layer)
         self.num_groups = 1 + max(layer_groups or [0])
         self.place_group = place_group  # the group whose blocks a lone sequence has placed in one run
         self.block_size = block_size
@@ -39,7 +39,7 @@ class PagedBackend(KVBackend):
 
     def _new_store(self, num_blocks: int, state_slots: int) -> PagedKVStore:
         return PagedKVStore(self.loaded.specs, num_blocks, self.block_size, self.loaded.dtype, self.limits,
-                            state_slots, self.layer_groups, self.layer_tensors)
+                            state_slots, self.layer_groups, self.layer_pools)
 
     def allocate(self, num_blocks: int) -> None:
         self.store = self._new_store(num_blocks, self.state_slots)
@@ -63,7 +63,6 @@ class PagedBackend(KVBackend):
 
     def describe(self) -> str:
         store = self.store
-        kv = sum(a.nbytes for a in store.arrays())
         state = "" if store.recurrent is None else (
             f"; recurrent state for {store.recurrent.slots} requests "
             f"({store.recurrent.nbytes() / 2**20:.1f} MiB)")
@@ -71,7 +70,7 @@ class PagedBackend(KVBackend):
             f" in {self.num_groups} groups over {sum(a is not None for a in store.k)} pools "
             "(sliding-window layers hold only their window)")
         return (f"paged KV cache of {store.num_blocks} blocks x {self.block_size} tokens{groups} "
-                f"({kv / 2**20:.1f} MiB){state}; attention calls hold up to "
+                f"({store.kv_nbytes() / 2**20:.1f} MiB){state}; attention calls hold up to "
                 f"{self.limits.budget / 2**20:.0f} MiB each")
 
     def forward(self, step: StepBatch) -> mx.array:
@@ -145,8 +144,7 @@ class PagedBackend(KVBackend):
         store = self._new_store(1 + need, 1)
         if store.recurrent is not None:  # one state slot read and written by every sequence
             names = [f"scratch-{i}" for i in range(len(lens))]
-            store.recurrent.slot_of = dict.fromkeys(names, 0)
-            store.recurrent.held = dict(zip(names, starts, strict=True))
+            store.recurrent.share_first_slot(names, starts)
             store.recurrent.begin(names, lens, starts)
         tokens = mx.zeros((sum(lens),), dtype=mx.int32)
         rows = mx.array(np.cumsum(lens).astype(np.int32) - 1)

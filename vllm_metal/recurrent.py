@@ -98,6 +98,12 @@ class RecurrentStore:
             self.free.append(self.slot_of.pop(req_id))
             self.held.pop(req_id, None)
 
+    def share_first_slot(self, req_ids: list[str], starts: list[int]) -> None:
+        """Give all of ``req_ids`` slot 0, each as if its state held ``starts`` tokens (a scratch
+        step that measures memory: what the state holds does not matter there)."""
+        self.slot_of.update(dict.fromkeys(req_ids, 0))
+        self.held.update(zip(req_ids, starts, strict=True))
+
     def begin(self, req_ids: list[str], lens: list[int], starts: list[int]) -> None:
         """Plan one step (requests in packed order): slots, which states start at zero, and the
         calls each recurrent layer makes."""
