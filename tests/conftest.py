@@ -8,7 +8,7 @@ pytest-xdist workers: once per worker that runs such a test).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -116,9 +116,12 @@ class VllmServer(ServerProcess):
     """
 
     def __init__(self, model: Path, args: list[str], env: dict[str, str] | None = None,
-                 name: str = "server", startup_timeout: float = 300.0):
+                 name: str = "server", startup_timeout: float = 300.0,
+                 command: Callable[[int], list[str]] | None = None):
+        """``command(port)``: what to run instead of ``vllm serve MODEL --port port ARGS``."""
         port = free_port()
-        super().__init__(vllm_serve_command(model, port, args), port, LOG_DIR / f"{name}-{port}.log",
+        command = command or (lambda p: vllm_serve_command(model, p, args))
+        super().__init__(command(port), port, LOG_DIR / f"{name}-{port}.log",
                          env={"VLLM_MLX_DEVICE": SERVER_DEVICE, **(env or {})})
         self.model = str(model)
         self.url = f"{self.base}/v1"

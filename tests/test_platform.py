@@ -133,7 +133,7 @@ def test_gguf_dtype_auto_is_float32_on_mlx_cpu(models):
 @pytest.mark.parametrize(
     ("kwargs", "flag"),
     [
-        ({"tensor_parallel_size": 3}, "--tensor-parallel-size"),
+        ({"tensor_parallel_size": 3, "enable_lora": True}, "LoRA .--enable-lora. with --tensor-parallel-size"),
         ({"pipeline_parallel_size": 2}, "--pipeline-parallel-size"),
         ({"kv_cache_dtype": "fp8"}, "--kv-cache-dtype"),
         ({"enable_prompt_embeds": True}, "--enable-prompt-embeds"),
@@ -180,8 +180,10 @@ def test_invalid_env_is_refused_at_config_time(models, monkeypatch, env, needle)
 
 
 @pytest.mark.parametrize(("env", "args", "last_line"), [
-    ({"VLLM_MLX_DEVICE": "cpu"}, ["--tensor-parallel-size", "3"],
-     "ERROR: vllm-metal cannot run this configuration: --tensor-parallel-size must be 1."),
+    ({"VLLM_MLX_DEVICE": "cpu"}, ["--tensor-parallel-size", "3", "--distributed-executor-backend", "uni"],
+     "ERROR: vllm-metal cannot run this configuration: --distributed-executor-backend uni with "
+     "--tensor-parallel-size > 1: the ranks run under vLLM's multiprocessing executor (mp, its default; "
+     "--nnodes/--node-rank/--master-addr across machines)."),
     ({"VLLM_MLX_DEVICE": "tpu"}, [],
      "ERROR: VLLM_MLX_DEVICE='tpu' is invalid; valid values: auto, gpu, cpu."),
 ], ids=["flag", "env-var"])

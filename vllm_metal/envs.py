@@ -176,6 +176,15 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "vLLM's async scheduling, its default). Other steps (penalties, seeds, "
            "logprobs, structured output...) are sampled by vLLM's Sampler on the host, after the "
            "device is done. `0`: every step is sampled on the host, synchronously."),
+    EnvVar("VLLM_METAL_DISTRIBUTED_BACKEND", "auto", _choice("auto", "ring", "nccl", "jaccl"),
+           "MLX backend joining the ranks of `--tensor-parallel-size N`: `ring` (MLX's TCP ring: "
+           "loopback on one machine, Ethernet or Thunderbolt between Macs), `nccl` (NVIDIA GPUs, "
+           "`mlx[cuda13]`), `jaccl` (RDMA over Thunderbolt 5; MLX's `MLX_JACCL_COORDINATOR` and "
+           "`MLX_IBV_DEVICES` must be set). `auto`: `nccl` where MLX computes on CUDA, else `ring`."),
+    EnvVar("VLLM_METAL_HOSTFILE", "", _path,
+           "Ring backend across machines: an MLX ring hostfile, a JSON list with one list of "
+           "`\"ip:port\"` addresses per rank, in vLLM's rank order (`scripts/two_macs.sh` writes "
+           "one). Unset: every rank on this machine, at free loopback ports."),
     EnvVar("VLLM_USE_MODELSCOPE", "False", _vllm_bool,
            "`True`: model ids are ModelScope ids, resolved offline to the local ModelScope cache "
            "(`$MODELSCOPE_CACHE` or `~/.cache/modelscope/hub`); vLLM then needs `pip install modelscope`."),
@@ -203,6 +212,8 @@ class MetalEnvs:
     use_paged_attention: bool
     debug: bool
     one_step_ahead: str  # auto, 1 or 0
+    distributed_backend: str  # auto, ring, nccl or jaccl
+    hostfile: str | None
     use_modelscope: bool
     modelscope_cache: str | None
     prefix_cache: bool
@@ -225,6 +236,8 @@ def load(environ: dict[str, str] | None = None) -> MetalEnvs:
         use_paged_attention=parsed["VLLM_METAL_USE_PAGED_ATTENTION"],
         debug=parsed["VLLM_METAL_DEBUG"],
         one_step_ahead=parsed["VLLM_METAL_ONE_STEP_AHEAD"],
+        distributed_backend=parsed["VLLM_METAL_DISTRIBUTED_BACKEND"],
+        hostfile=parsed["VLLM_METAL_HOSTFILE"],
         use_modelscope=parsed["VLLM_USE_MODELSCOPE"],
         modelscope_cache=parsed["VLLM_METAL_MODELSCOPE_CACHE"],
         prefix_cache=parsed["VLLM_METAL_PREFIX_CACHE"],

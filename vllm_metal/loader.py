@@ -16,7 +16,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 from vllm.logger import init_logger
 
-from vllm_metal import gguf, mlx_lm_models
+from vllm_metal import distributed, gguf, mlx_lm_models
 from vllm_metal.attention import LayerSpec
 from vllm_metal.bridge import torch_dtype_to_mlx
 from vllm_metal.device import on_gpu
@@ -82,8 +82,10 @@ def resolve_model_dir(model: str) -> Path:
         ) from exc
 
 
-def load(model_dir: Path, dtype, trust_remote_code: bool = False) -> LoadedModel:
-    """Load, cast to ``dtype`` (a torch dtype), patch attention; log progress while loading."""
+def load(model_dir: Path, dtype, trust_remote_code: bool = False,
+         group: mx.distributed.Group | None = None) -> LoadedModel:
+    """Load, cast to ``dtype`` (a torch dtype), patch attention; log progress while loading.
+    With a ``group`` of more than one rank, this rank's shard only (``distributed.shard``)."""
     from mlx_lm.utils import load_config, load_model
 
     start = time.perf_counter()
@@ -101,6 +103,8 @@ def load(model_dir: Path, dtype, trust_remote_code: bool = False) -> LoadedModel
         if "not supported" in str(exc) and not isinstance(exc, gguf.GgufError):
             raise UnsupportedModelError(f"{exc} {mlx_lm_models.supported_hint()}") from exc
         raise
+    if group is not None and group.size() > 1:
+        distributed.shard(model, mlx_lm_models.layer_specs(model, config), group)
     target = torch_dtype_to_mlx(dtype)
     _log_quantized_dtype_costs(model, target)
 
@@ -118,8 +122,10 @@ def load(model_dir: Path, dtype, trust_remote_code: bool = False) -> LoadedModel
 
     specs, row_select = mlx_lm_models.adapt(model, config)
     logger.info(
-        "vllm-metal: loaded %s (%s, %.1f MiB of weights) in %.1fs",
-        model_dir, config.get("model_type"), weight_bytes / 2**20, time.perf_counter() - start,
+        "vllm-metal: loaded %s (%s, %.1f MiB of weights%s) in %.1fs",
+        model_dir, config.get("model_type"), weight_bytes / 2**20,
+        f", rank {group.rank()}'s shard of {group.size()}" if group is not None and group.size() > 1 else "",
+        time.perf_counter() - start,
     )
     return LoadedModel(model, specs, row_select, target, weight_bytes)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.nn.layers.distributed import QuantizedAllToShardedLinear, QuantizedShardedToAllLinear
 
 from vllm_metal.attention import LayerSpec, PagedLayerCache
 from vllm_metal.models import adapter_for
@@ -117,12 +118,13 @@ def prepare_mlx_lm(config: dict) -> dict:
     return overrides
 
 
-def check_runnable(config: dict) -> None:
+def check_runnable(config: dict, tensor_parallel_size: int = 1) -> None:
     """Refuse from config.json alone what the loader would refuse only after loading weights.
 
     Runs in the API server before the engine starts (see ``vllm_metal.preflight``): no mlx-lm
     module, layers with custom cache state or multi-head latent attention it does not implement,
-    attention that does not go through mlx-lm's ``scaled_dot_product_attention``. It builds mlx-lm's model without
+    attention that does not go through mlx-lm's ``scaled_dot_product_attention``, a model that does
+    not split ``tensor_parallel_size`` ways (``distributed.shard_problem``). It builds mlx-lm's model without
     weights (MLX arrays are lazy, so nothing is allocated); a model that fails to build here is
     left for the loader, which reports it with the weights in hand.
     """
@@ -135,9 +137,15 @@ def check_runnable(config: dict) -> None:
         model = arch.Model(arch.ModelArgs.from_dict(full))
     except Exception:  # noqa: BLE001 - the loader reports build errors with the weights in hand
         return
-    layer_specs(model)
+    specs = layer_specs(model)
     if not routes_attention(model):
         raise _own_attention(model)
+    if tensor_parallel_size > 1:
+        from vllm_metal.distributed import shard_problem
+
+        problem = shard_problem(model, specs, tensor_parallel_size)
+        if problem is not None:
+            raise UnsupportedModelError(f"--tensor-parallel-size {tensor_parallel_size}: {problem}.")
 
 
 def routes_attention(model: nn.Module) -> bool:
@@ -329,16 +337,35 @@ class PackedQuantizedEmbedding(nn.QuantizedEmbedding):
         return _rows_as_one_matrix(x, super().as_linear)
 
 
+class PackedQuantizedAllToShardedLinear(QuantizedAllToShardedLinear):
+    """A tensor-parallel rank's column shard of a quantized layer, packed (``PackedQuantizedLinear``)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return _rows_as_one_matrix(x, super().__call__)
+
+
+class PackedQuantizedShardedToAllLinear(QuantizedShardedToAllLinear):
+    """A tensor-parallel rank's row shard of a quantized layer, packed (``PackedQuantizedLinear``)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return _rows_as_one_matrix(x, super().__call__)
+
+
+PACKED_QUANTIZED = {nn.QuantizedLinear: PackedQuantizedLinear, nn.QuantizedEmbedding: PackedQuantizedEmbedding,
+                    QuantizedAllToShardedLinear: PackedQuantizedAllToShardedLinear,
+                    QuantizedShardedToAllLinear: PackedQuantizedShardedToAllLinear}
+
+
 def fold_quantized_rows(model: nn.Module) -> int:
-    """Make every quantized linear layer and quantized embedding of ``model`` a packed one (same
-    parameters, same module tree); returns how many were changed."""
+    """Make every quantized linear layer and quantized embedding of ``model`` (tensor-parallel
+    shards included) a packed one (same parameters, same module tree); returns how many were
+    changed."""
     changed = 0
     for _, module in model.named_modules():
-        for base, packed in ((nn.QuantizedLinear, PackedQuantizedLinear),
-                             (nn.QuantizedEmbedding, PackedQuantizedEmbedding)):
-            if type(module) is base:
-                module.__class__ = packed
-                changed += 1
+        packed = PACKED_QUANTIZED.get(type(module))
+        if packed is not None:
+            module.__class__ = packed
+            changed += 1
     return changed
 
 

@@ -141,8 +141,10 @@ class DeviceSampledOutput(AsyncModelRunnerOutput):
 
 
 class MetalModelRunner:
-    def __init__(self, vllm_config: VllmConfig, metal_envs: envs.MetalEnvs | None = None):
+    def __init__(self, vllm_config: VllmConfig, metal_envs: envs.MetalEnvs | None = None,
+                 group: mx.distributed.Group | None = None):
         self.vllm_config = vllm_config
+        self.group = group  # tensor parallelism: the ranks this one holds a shard beside
         self.model_config = vllm_config.model_config
         self.cache_config = vllm_config.cache_config
         self.scheduler_config = vllm_config.scheduler_config
@@ -155,8 +157,10 @@ class MetalModelRunner:
         self.max_num_reqs = self.scheduler_config.max_num_seqs
         self.max_num_tokens = self.scheduler_config.max_num_batched_tokens
         self.vocab_size = self.model_config.get_vocab_size()
-        # a failed step is answered with FailedStep only where the scheduler knows what that is
-        self.survives_failed_steps = str(self.scheduler_config.scheduler_cls) in OUR_SCHEDULERS
+        # a failed step is answered with FailedStep only where the scheduler knows what that is,
+        # and by one rank only (ranks of a group fail together: MetalWorker)
+        self.survives_failed_steps = (str(self.scheduler_config.scheduler_cls) in OUR_SCHEDULERS
+                                      and group is None)
         self.requests: dict[str, CachedRequestState] = {}
         self.num_prompt_logprobs: dict[str, int] = {}
         self.sampler = Sampler(logprobs_mode=self.model_config.logprobs_mode)
@@ -206,7 +210,7 @@ class MetalModelRunner:
     # ----------------------------------------------------------------- model and KV cache
     def load_model(self) -> None:
         path = resolve_model_dir(self.model_config.model)
-        self.loaded = load(path, self.model_config.dtype, self.model_config.trust_remote_code)
+        self.loaded = load(path, self.model_config.dtype, self.model_config.trust_remote_code, self.group)
         if self.pooling is not None:
             self.loaded.without_head()
         if (lora := self.vllm_config.lora_config) is not None:

@@ -17,11 +17,12 @@ import torch
 from vllm.logger import init_logger
 from vllm.platforms.interface import Platform, PlatformEnum
 
-from vllm_metal import envs, patches, preflight
+from vllm_metal import distributed, envs, patches, preflight
 from vllm_metal.device import (
     configured_device,
     describe_device,
     device_memory_bytes,
+    gpu_backend,
     requested_device,
     select_device,
 )
@@ -114,7 +115,10 @@ class MetalPlatform(Platform):
 
     @classmethod
     def get_device_communicator_cls(cls) -> str:
-        return "vllm.distributed.device_communicators.cpu_communicator.CpuCommunicator"
+        # vLLM's process groups carry only its control plane (gloo); the model's collectives are
+        # MLX's (vllm_metal.distributed). Its CPU communicator would also set up shared memory
+        # for all-reduces nothing here makes.
+        return "vllm.distributed.device_communicators.base_device_communicator.DeviceCommunicatorBase"
 
     @classmethod
     def pre_register_and_update(cls, parser=None) -> None:
@@ -140,14 +144,16 @@ class MetalPlatform(Platform):
         cfg = _load_envs()
         select_device(cfg.mlx_device)  # logs the fallback once, early
         patches.in_platform()  # torch.accelerator no-ops; the API server's key and field checks
-        preflight.check_checkpoint(vllm_config.model_config)  # corrupt weights, no tokenizer
-
         parallel = vllm_config.parallel_config
+        # corrupt weights, no tokenizer, a model that does not split --tensor-parallel-size ways
+        preflight.check_checkpoint(vllm_config.model_config, parallel.tensor_parallel_size)
+
         refuse = []
         if parallel.tensor_parallel_size > 1:
-            refuse.append("--tensor-parallel-size must be 1")
+            refuse += distributed.refusals(vllm_config, cfg)
         if parallel.pipeline_parallel_size > 1:
-            refuse.append("--pipeline-parallel-size must be 1")
+            refuse.append("--pipeline-parallel-size must be 1: every rank holds a share of each layer "
+                          "(--tensor-parallel-size), not a range of layers")
         if parallel.data_parallel_size > 1:
             refuse.append("--data-parallel-size must be 1")
         spec = vllm_config.speculative_config
@@ -194,6 +200,8 @@ class MetalPlatform(Platform):
             parallel.worker_cls = WORKER_CLS
         if parallel.distributed_executor_backend is None:
             parallel.distributed_executor_backend = "uni"
+        if parallel.world_size > 1:
+            _plan_ranks(vllm_config, cfg)
 
         sched = vllm_config.scheduler_config
         if spec is not None and sched.async_scheduling:  # drafts are proposed after each step's tokens
@@ -225,6 +233,23 @@ class MetalPlatform(Platform):
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 
 
+def _plan_ranks(vllm_config: VllmConfig, cfg: envs.MetalEnvs) -> None:
+    """Plan the ranks' MLX group (``distributed.plan``) and hand it to the workers in the config."""
+    backend = cfg.distributed_backend
+    if backend == "auto":
+        backend = distributed.default_backend(configured_device() == "gpu" and gpu_backend() == "cuda")
+    try:
+        plan = distributed.plan(vllm_config.parallel_config.world_size, backend, cfg.hostfile)
+    except distributed.DistributedError:
+        _report_refusals_plainly()
+        raise
+    if not isinstance(vllm_config.additional_config, dict):
+        raise UnsupportedConfiguration("vllm-metal cannot run this configuration: --additional-config must be "
+                                       "a JSON object with --tensor-parallel-size > 1.")
+    vllm_config.additional_config[distributed.CONFIG_KEY] = plan.to_config()
+    logger.info("vllm-metal: %d ranks over MLX's %s backend", plan.world_size, plan.backend)
+
+
 def _is_hybrid(model_config) -> bool:
     """vLLM's registry says the architecture mixes attention with recurrent-state layers."""
     try:
@@ -237,7 +262,7 @@ class UnsupportedConfiguration(ValueError):
     """vLLM flags or settings this platform cannot honour; the message names each one."""
 
 
-_REFUSALS = (UnsupportedConfiguration, envs.MetalConfigError)
+_REFUSALS = (UnsupportedConfiguration, envs.MetalConfigError, distributed.DistributedError)
 
 
 def _load_envs() -> envs.MetalEnvs:

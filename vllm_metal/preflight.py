@@ -24,7 +24,7 @@ class CheckpointError(ValueError):
     """The checkpoint on disk cannot be served; the message names the file and the fix."""
 
 
-def check_checkpoint(model_config: Any) -> None:
+def check_checkpoint(model_config: Any, tensor_parallel_size: int = 1) -> None:
     """Check ``model_config``'s local checkpoint directory and tokenizer; no-op for other sources."""
     if model_config is None:
         return
@@ -34,7 +34,7 @@ def check_checkpoint(model_config: Any) -> None:
         if config.is_file():
             from vllm_metal import mlx_lm_models
 
-            mlx_lm_models.check_runnable(json.loads(config.read_text()))
+            mlx_lm_models.check_runnable(json.loads(config.read_text()), tensor_parallel_size)
         check_weights(model_dir)
     tokenizer = Path(str(model_config.tokenizer or model_config.model)).expanduser()
     if not getattr(model_config, "skip_tokenizer_init", False) and tokenizer.is_dir():

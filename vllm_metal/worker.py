@@ -8,7 +8,9 @@ The engine calls, in order: ``init_device``, ``load_model``, ``get_kv_cache_spec
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import os
 import time
 
 import mlx.core as mx
@@ -18,7 +20,7 @@ from vllm.logger import init_logger
 from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheSpec
 from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
 
-from vllm_metal import envs, patches
+from vllm_metal import distributed, envs, patches
 from vllm_metal.device import describe_device, device_memory_bytes, on_gpu, select_device
 from vllm_metal.model_runner import MetalModelRunner
 
@@ -38,6 +40,12 @@ class MetalWorker(WorkerBase):
         self.envs = envs.load()
         self.model_runner: MetalModelRunner | None = None
         self.activation_bytes = 0
+        self.group: mx.distributed.Group | None = None  # --tensor-parallel-size > 1: the ranks' MLX group
+        parallel = vllm_config.parallel_config
+        self.plan = (distributed.Plan.from_config(vllm_config.additional_config[distributed.CONFIG_KEY])
+                     if parallel.world_size > 1 else None)
+        if self.plan is not None and self.plan.backend == "nccl":
+            distributed.pin_gpu(local_rank)  # before MLX first touches CUDA
 
     def init_device(self) -> None:
         device = select_device(self.envs.mlx_device)
@@ -47,10 +55,52 @@ class MetalWorker(WorkerBase):
             mx.random.seed(seed)
             torch.manual_seed(seed)
         logger.info("vllm-metal: worker on MLX %s (%s)", describe_device(), device)
+        if self.plan is not None:
+            self._join_ranks()
         if not on_gpu():
             logger.info("vllm-metal: MLX's CPU matmuls use %s (VLLM_METAL_CPU_BLAS=%s)",
                         patches.mlx.CPU_BLAS or "the BLAS MLX's wheel links", self.envs.cpu_blas)
-        self.model_runner = MetalModelRunner(self.vllm_config, self.envs)
+        self.model_runner = MetalModelRunner(self.vllm_config, self.envs, self.group)
+
+    def _join_ranks(self) -> None:
+        """vLLM's process groups (its control plane across machines: scheduler output and results
+        travel through them when the ranks span several; gloo, nothing on the device), then the
+        MLX group the model's sharded layers sum over. Ranks on one machine's CPU split its cores."""
+        from vllm.distributed import ensure_model_parallel_initialized, init_distributed_environment
+
+        parallel = self.parallel_config
+        init_distributed_environment(parallel.world_size, self.rank, self.distributed_init_method,
+                                     self.local_rank, "gloo")
+        ensure_model_parallel_initialized(parallel.tensor_parallel_size, parallel.pipeline_parallel_size)
+        self.group = distributed.join(self.plan, self.rank, self.local_rank)
+        if not on_gpu():
+            threads = max(1, (os.cpu_count() or 1) // self.ranks_per_device)
+            patches.mlx.set_cpu_blas_threads(threads)
+        logger.info("vllm-metal: rank %d of %d joined MLX's %s group", self.rank, parallel.world_size,
+                    self.plan.backend)
+
+    @property
+    def ranks_per_device(self) -> int:
+        """Ranks whose MLX device is this one: every rank on this machine where the device is its
+        memory (the CPU, an Apple GPU's unified memory), one per GPU on CUDA."""
+        if self.plan is None or self.plan.backend == "nccl":
+            return 1
+        return self.parallel_config.local_world_size
+
+    @contextlib.contextmanager
+    def _ranks_in_step(self):
+        """A rank that fails a step leaves the others waiting in a collective for it, so with
+        several ranks a failed step ends this process: vLLM's executor sees a rank die and shuts
+        the engine down with that reason instead of hanging."""
+        try:
+            yield
+        except Exception:
+            if self.group is None:
+                raise
+            logger.exception("vllm-metal: rank %d of %d failed a step; the other ranks cannot go on "
+                             "without it, so this rank exits and the engine shuts down",
+                             self.rank, self.group.size())
+            os._exit(1)
 
     def load_model(self, *, load_dummy_weights: bool = False) -> None:
         if load_dummy_weights:
@@ -71,7 +121,7 @@ class MetalWorker(WorkerBase):
         device memory minus weights and the activation peak of the worst step the configuration
         allows (``MetalModelRunner.worst_step``). Either way the three must fit the device."""
         runner = self.model_runner
-        total = device_memory_bytes()
+        total = device_memory_bytes() // self.ranks_per_device
         weights = runner.weight_bytes
         activations = self._activation_peak()
         self.activation_bytes = activations
@@ -84,8 +134,8 @@ class MetalWorker(WorkerBase):
         available = int(total * fraction) - weights - activations
         cap = ""
         if not on_gpu() and self.envs.memory_fraction == "auto":
-            if available > CPU_AUTO_KV_CAP:
-                available, cap = CPU_AUTO_KV_CAP, " (capped on MLX's CPU backend)"
+            if available > CPU_AUTO_KV_CAP // self.ranks_per_device:
+                available, cap = CPU_AUTO_KV_CAP // self.ranks_per_device, " (capped on MLX's CPU backend)"
         available -= self._reserve_state(available, fits_half=True)
         if available < runner.kv_bytes_per_block():
             raise ValueError(
@@ -220,10 +270,12 @@ class MetalWorker(WorkerBase):
         return ("generate",) if pooling is None else pooling.supported_tasks()
 
     def execute_model(self, scheduler_output):
-        return self.model_runner.execute_model(scheduler_output)
+        with self._ranks_in_step():
+            return self.model_runner.execute_model(scheduler_output)
 
     def sample_tokens(self, grammar_output):
-        return self.model_runner.sample_tokens(grammar_output)
+        with self._ranks_in_step():
+            return self.model_runner.sample_tokens(grammar_output)
 
     def take_draft_token_ids(self):
         speculation = self.model_runner.speculation

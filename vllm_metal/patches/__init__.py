@@ -29,8 +29,9 @@ phase              called from                                    installs
                                                                   cache's device label
 =================  =============================================  ==================================
 
-Two more are not installed but called: ``vllm.import_cpu_kernels`` (``MetalPlatform.import_kernels``)
-and ``mlx_lm.config_overrides`` (the keys ``prepare_mlx_lm`` passes to mlx-lm).
+Three more are not installed but called: ``vllm.import_cpu_kernels`` (``MetalPlatform.import_kernels``),
+``mlx_lm.config_overrides`` (the keys ``prepare_mlx_lm`` passes to mlx-lm) and
+``mlx.set_cpu_blas_threads`` (tensor-parallel ranks sharing one machine's cores).
 """
 
 from __future__ import annotations

@@ -91,3 +91,20 @@ def system_libraries(name: str) -> list[str]:
     for d in library_dirs():
         found += sorted(glob.glob(os.path.join(d, f"lib{name}.so*")), key=len)
     return found
+
+
+def set_cpu_blas_threads(threads: int) -> bool:
+    """Cap the threads of the CBLAS ``load_cpu_blas`` loaded (OpenBLAS or BLIS); False when there
+    is none or it has no such call. Tensor-parallel ranks on one machine share its cores, and
+    each BLAS sizes its pool for all of them.
+
+    Delete when: ``load_cpu_blas`` is deleted."""
+    if CPU_BLAS is None:
+        return False
+    library = ctypes.CDLL(CPU_BLAS)
+    for name in ("openblas_set_num_threads", "bli_thread_set_num_threads"):
+        setter = getattr(library, name, None)
+        if setter is not None:
+            setter(ctypes.c_int(threads))
+            return True
+    return False
