@@ -201,20 +201,27 @@ class MetalWorker(WorkerBase):
         """vLLM's own message for a budget below one full-length request says 0.0 GiB and points
         at --gpu-memory-utilization, which --kv-cache-memory-bytes overrides; name the real knobs.
         A budget that leaves no room for the weights and the largest step is refused too."""
-        from vllm.v1.core.kv_cache_utils import max_memory_usage_bytes
+        from vllm.v1.core.kv_cache_utils import (
+            check_enough_kv_cache_memory,
+            estimate_max_model_len,
+            max_memory_usage_bytes,
+        )
 
         runner = self.model_runner
         per_block = runner.kv_bytes_per_block()
         max_len = self.model_config.max_model_len
-        need = max_memory_usage_bytes(self.vllm_config, runner.get_kv_cache_spec().values())  # windows count
-        if budget < need:
-            fits = budget // per_block * runner.block_size
+        specs = runner.get_kv_cache_spec()
+        try:  # vLLM's own test: sliding windows count, and the block its pool holds back
+            check_enough_kv_cache_memory(self.vllm_config, specs, budget)
+        except ValueError:
+            need = max_memory_usage_bytes(self.vllm_config, specs.values()) + per_block
+            fits = max(estimate_max_model_len(self.vllm_config, specs, budget - per_block), 0)
             shorter = f", or lower --max-model-len to {fits} or less" if fits else ""
             raise ValueError(
                 f"vllm-metal: --kv-cache-memory-bytes {budget} holds {fits} tokens of KV cache, "
                 f"less than one --max-model-len {max_len} request needs ({need} bytes). Raise "
                 f"--kv-cache-memory-bytes to at least {need}{shorter}."
-            )
+            ) from None
         if weights + budget + activations > total:
             raise ValueError(
                 f"vllm-metal: --kv-cache-memory-bytes {budget} ({budget / 2**30:.2f} GiB) + weights "
