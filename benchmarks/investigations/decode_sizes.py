@@ -2,11 +2,12 @@
 
     python -m benchmarks.investigations.decode_sizes [--checkpoints llama-1b llama-8b llama-8b-q4]
         [--concurrency 1 8 32 64] [--one-step-ahead 1 0] [--mlx-lm-server 1 8] [--max-tokens 128]
-        [--checkpoint-dir DIR] [--out results.json]
+        [--tensor-parallel-size 1 2] [--dtype bfloat16] [--checkpoint-dir DIR] [--out results.json]
 
 Checkpoints are built on the machine (random weights, the bundled SmolLM2 tokenizer, nothing
 downloaded): ``llama-1b`` and ``llama-8b`` as ``long_prompts`` builds them (HF safetensors, bf16),
-``llama-8b-q4`` as ``mlx_lm.convert -q`` (4-bit, group 64) makes it from ``llama-8b``. Each runs
+``llama-8b-q4`` as ``mlx_lm.convert -q`` (4-bit, group 64) makes it from ``llama-8b``;
+``llama-300m`` (a Qwen3-0.6B-sized Llama) is for CPUs. Each runs
 at its own dtype (bf16; the 4-bit one with bf16 scales and activations). ``qwen3_5-2b`` (and
 ``-q4``) is a Qwen3.5-shaped hybrid (``HYBRID_SHAPES``: Gated DeltaNet layers 3 : 1 attention),
 built by transformers with random weights; its 4-bit copy is made by mlx-lm as ``mlx_lm.convert -q``
@@ -40,7 +41,7 @@ from benchmarks.prompts import eos_logit_bias, sweep_prompts
 from benchmarks.server import vllm_serve_command
 from benchmarks.systems import MlxLm, Server, Setup
 
-CHECKPOINTS = {"llama-1b": ("llama-1b", False), "llama-8b": ("llama-8b", False), "llama-8b-q4": ("llama-8b", True),
+CHECKPOINTS = {"llama-300m": ("llama-300m", False), "llama-1b": ("llama-1b", False), "llama-8b": ("llama-8b", False), "llama-8b-q4": ("llama-8b", True),
                "qwen3_5-2b": ("qwen3_5-2b", False), "qwen3_5-2b-q4": ("qwen3_5-2b", True),
                # for trying the harness on a CPU in seconds (hidden from --help)
                "tiny": ("tiny", False), "tiny-q4": ("tiny", True)}
@@ -104,23 +105,26 @@ def checkpoint(root: Path, name: str, seed: int) -> Path:
     return out
 
 
-def mlx_lm_loop(model_dir: Path, tokens: int) -> dict[str, Any]:
+def mlx_lm_loop(model_dir: Path, tokens: int, dtype: str = "bfloat16") -> dict[str, Any]:
     """mlx-lm's ``generate_step`` rate at one stream, in its own process (its memory goes with it)."""
     code = ("import json, sys; from pathlib import Path; "
             "from benchmarks.investigations.decode_roofline import mlx_lm_rate; "
-            "tps, nbytes = mlx_lm_rate(Path(sys.argv[1]), 'bfloat16', int(sys.argv[2])); "
+            "tps, nbytes = mlx_lm_rate(Path(sys.argv[1]), sys.argv[3], int(sys.argv[2])); "
             "print(json.dumps({'tok_s': tps, 'weight_bytes': nbytes}))")
-    done = subprocess.run([sys.executable, "-c", code, str(model_dir), str(tokens)], capture_output=True,
+    done = subprocess.run([sys.executable, "-c", code, str(model_dir), str(tokens), dtype], capture_output=True,
                           text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 class Plugin(Server):
-    """``vllm serve`` on the checkpoint at bf16, one-step-ahead on or off."""
+    """``vllm serve`` on the checkpoint (bf16 unless told), one-step-ahead on or off, on
+    ``tensor_parallel`` ranks."""
 
-    def __init__(self, setup: Setup, one_step_ahead: str):
-        self.name = f"vllm-metal-osa{one_step_ahead}"
+    def __init__(self, setup: Setup, one_step_ahead: str, tensor_parallel: int = 1, dtype: str = "bfloat16"):
+        self.name = f"vllm-metal-osa{one_step_ahead}" + (f"-tp{tensor_parallel}" if tensor_parallel > 1 else "")
         self.one_step_ahead = one_step_ahead
+        self.tensor_parallel = tensor_parallel
+        self.dtype = dtype
         super().__init__(setup)
 
     @property
@@ -130,9 +134,10 @@ class Plugin(Server):
     def command(self) -> list[str]:
         s = self.setup
         return vllm_serve_command(s.hf, self.port, [
-            "--served-model-name", SERVED_NAME, "--dtype", "bfloat16", "--max-model-len", str(s.max_model_len),
+            "--served-model-name", SERVED_NAME, "--dtype", self.dtype, "--max-model-len", str(s.max_model_len),
             "--max-num-seqs", str(s.max_num_seqs), "--seed", "0", "--no-enable-prefix-caching",
-            "--kv-cache-memory-bytes", str(int(s.kv_cache_gib * 2**30))])
+            "--kv-cache-memory-bytes", str(int(s.kv_cache_gib * 2**30)),
+            "--tensor-parallel-size", str(self.tensor_parallel)])
 
     def env(self) -> dict[str, str]:
         return {"VLLM_MLX_DEVICE": self.setup.device, "VLLM_METAL_ONE_STEP_AHEAD": self.one_step_ahead}
@@ -170,12 +175,16 @@ def serve_and_sweep(server: Server, levels: list[int], max_tokens: int, bias: di
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoints", nargs="+", choices=list(CHECKPOINTS), default=list(CHECKPOINTS)[:3],
-                    metavar="{llama-1b,llama-8b,llama-8b-q4,qwen3_5-2b,qwen3_5-2b-q4}")
+    ap.add_argument("--checkpoints", nargs="+", choices=list(CHECKPOINTS), default=["llama-1b", "llama-8b", "llama-8b-q4"],
+                    metavar="{llama-300m,llama-1b,llama-8b,llama-8b-q4,qwen3_5-2b,qwen3_5-2b-q4}")
     ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32, 64])
     ap.add_argument("--one-step-ahead", nargs="+", choices=("1", "0"), default=["1", "0"])
     ap.add_argument("--mlx-lm-server", nargs="*", type=int, default=[], metavar="C",
                     help="also run mlx_lm.server at these concurrency levels")
+    ap.add_argument("--tensor-parallel-size", nargs="+", type=int, default=[1], metavar="N",
+                    help="serve the plugin on N ranks (each size in turn; --kv-cache-gib is per rank)")
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                    help="the plugin's and mlx-lm's compute dtype (float32 on MLX's CPU backend)")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--mlx-lm-tokens", type=int, default=256)
     ap.add_argument("--device", choices=("cpu", "gpu"), default="gpu")
@@ -193,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         import mlx.core as mx
 
         mx.clear_cache()  # the checkpoint was built on the device; leave its memory to the servers
-        loop = mlx_lm_loop(path, args.mlx_lm_tokens)
+        loop = mlx_lm_loop(path, args.mlx_lm_tokens, args.dtype)
         ceiling = report["bandwidth_gbs"] * 1e9 / loop["weight_bytes"]
         shape = CHECKPOINTS[name][0]
         entry: dict[str, Any] = {"checkpoint": name, "shape": SHAPES.get(shape) or HYBRID_SHAPES[shape],
@@ -206,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         setup = Setup(hf=path, mlx=path, gguf=None, device=args.device, max_model_len=2048,
                       max_num_seqs=max(args.concurrency), kv_cache_gib=args.kv_cache_gib, log_dir=args.out.parent / "logs")
         bias = eos_logit_bias(path)
-        servers: list[tuple[Server, list[int]]] = [(Plugin(setup, o), args.concurrency) for o in args.one_step_ahead]
+        servers: list[tuple[Server, list[int]]] = [(Plugin(setup, o, tp, args.dtype), args.concurrency)
+                                                   for tp in args.tensor_parallel_size for o in args.one_step_ahead]
         if args.mlx_lm_server:
             servers.append((MlxLm(setup), args.mlx_lm_server))
         for server, levels in servers:

@@ -66,6 +66,11 @@ SHAPES: dict[str, dict[str, Any]] = {
     "llama-8b": {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
                  "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 14336,
                  "tie_word_embeddings": False, **_LLAMA_COMMON},
+    # A Qwen3-0.6B-sized Llama (~330M parameters): big enough that a CPU step is not all host work,
+    # small enough to serve on a 2-core machine (tensor parallelism's cost on the CPU).
+    "llama-300m": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+                   "num_key_value_heads": 8, "head_dim": 64, "intermediate_size": 2816,
+                   "tie_word_embeddings": True, **_LLAMA_COMMON},
     # For testing the harness on a CPU in seconds (hidden from --help).
     "tiny": {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
              "num_key_value_heads": 1, "head_dim": 64, "intermediate_size": 256,
