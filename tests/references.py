@@ -76,6 +76,18 @@ def hf_greedy(hf_dir: Path, ids: list[int], n: int) -> list[int]:
     return out
 
 
+def hf_logprobs(hf_dir: Path, ids: list[int], continuation: list[int]) -> list[float]:
+    """HF transformers fp32 log-probability of each ``continuation`` token after ``ids`` and the
+    tokens before it (the model's raw distribution: no temperature)."""
+    import torch
+
+    model = _hf_model(hf_dir)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids + continuation])).logits[0, len(ids) - 1 : -1]
+    logprobs = torch.log_softmax(logits.double(), dim=-1)
+    return [float(logprobs[i, t]) for i, t in enumerate(continuation)]
+
+
 @functools.cache
 def _mlx_model(mlx_dir: Path, adapter: Path | None = None):
     from mlx_lm import load

@@ -23,15 +23,16 @@ import httpx
 import psutil
 import pytest
 from conftest import LOG_DIR, SERVER_DEVICE, VllmServer, completion_tokens, serve_expecting_failure
-from references import hf_greedy, prompt_ids
+from references import hf_greedy, hf_logprobs, mlx_greedy, prompt_ids
 from test_models import N_NEW, STEP_TOKENS, _first_divergence, _prompts
 
 from fixtures import tiny
 from vllm_metal.distributed import free_ports
 
 TP = 2
+QUANTIZED = "qwen3-q4"  # the qwen3 checkpoint as mlx_lm.convert -q makes it, against mlx-lm's tokens
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "two_macs.sh"
-FAMILIES = ["llama3", "qwen3", "qwen3_moe"]
+FAMILIES = ["qwen3", "qwen3_moe", QUANTIZED]  # llama: test_two_machines_on_loopback, and the bundled model
 
 
 def _split_spec(name: str) -> tiny.TinySpec:
@@ -52,13 +53,18 @@ def test_tensor_parallel_matches_transformers(name, tmp_path):
     """Eight concurrent distinct requests (short, and four of ~100 tokens chunked in 32-token steps)
     on K/V for 128 tokens (8 blocks, what one request of --max-model-len needs, and vLLM's null
     block), so some are preempted; one step ahead, async scheduling. Then a repeat that hits the
-    prefix cache. Every output equals transformers' greedy decoding of the unsharded model."""
-    spec = _split_spec(name)
+    prefix cache. Every output equals transformers' greedy decoding of the unsharded model (the
+    4-bit checkpoint: mlx-lm's, on the same weights)."""
+    spec = _split_spec(name.removesuffix("-q4"))
     path = tiny.build(spec, tmp_path / name)
     prompts = _prompts(path)
     long = prompts[2]
     prompts += [long[k:] for k in (1, 2, 3)] + [prompts[3][1:]]  # eight distinct: no shared prefix blocks
-    want = [hf_greedy(path, p, N_NEW) for p in prompts]
+    if name == QUANTIZED:  # 4-bit shards of quantized layers
+        path = tiny.quantize(path, tmp_path / f"{name}-mlx")
+        want = [mlx_greedy(path, p, N_NEW) for p in prompts]
+    else:
+        want = [hf_greedy(path, p, N_NEW) for p in prompts]
     server = VllmServer(path, ["--tensor-parallel-size", str(TP), "--dtype", "float32", "--max-model-len", "128",
                                "--max-num-seqs", "8", "--max-num-batched-tokens", str(STEP_TOKENS),
                                "--kv-cache-memory-bytes", str(9 * _block_bytes(spec.config)), "--seed", "0",
@@ -163,11 +169,27 @@ def test_rank_that_dies_ends_the_server(tmp_path):
         server.stop()
 
 
+def _random_sampling_keeps_ranks_together(server: VllmServer, path: Path, prompt: list[int]) -> None:
+    """Unseeded random sampling (temperature 1): every rank must draw the same token, or the
+    others compute the next step on a token rank 0 never returned and the summed logits stop
+    being the model's. The log-probability the server reports for each sampled token equals
+    transformers' for that token in the returned context."""
+    body = {"model": server.model, "prompt": prompt, "max_tokens": 24, "temperature": 1.0, "ignore_eos": True,
+            "return_token_ids": True, "logprobs": 0}
+    r = server.post("/completions", body)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    tokens, served = choice["token_ids"], choice["logprobs"]["token_logprobs"]
+    want = hf_logprobs(path, prompt, tokens)
+    worst = max(abs(a - b) for a, b in zip(served, want, strict=True))
+    assert worst < 1e-3, f"sampled tokens' logprobs differ from transformers' by up to {worst}"
+
+
 def test_two_machines_on_loopback(tmp_path):
     """scripts/two_macs.sh with both "machines" here: the head (`--nnodes 2 --node-rank 0`, the
     API) and a headless worker (`--node-rank 1`), ranks found through the ring hostfile the
-    script writes (VLLM_METAL_HOSTFILE), vLLM's control plane over TCP. Tokens equal
-    transformers'."""
+    script writes (VLLM_METAL_HOSTFILE), vLLM's control plane over TCP. Greedy tokens equal
+    transformers', and so do the log-probabilities of randomly sampled ones."""
     spec = _split_spec("llama3")
     path = tiny.build(spec, tmp_path / "llama3")
     prompts = _prompts(path)
@@ -194,6 +216,7 @@ def test_two_machines_on_loopback(tmp_path):
                 got = list(pool.map(lambda p: completion_tokens(head, p, N_NEW), prompts))
             for i, tokens in enumerate(got):
                 assert tokens == want[i], f"prompt {i}: {_first_divergence(tokens, want[i])}"
+            _random_sampling_keeps_ranks_together(head, path, prompts[2])
         finally:
             head.stop()
     finally:
