@@ -108,6 +108,7 @@ def checkpoint(root: Path, name: str, seed: int) -> Path:
 def mlx_lm_loop(model_dir: Path, tokens: int, dtype: str = "bfloat16") -> dict[str, Any]:
     """mlx-lm's ``generate_step`` rate at one stream, in its own process (its memory goes with it)."""
     code = ("import json, sys; from pathlib import Path; "
+            "import vllm_metal; vllm_metal.register(); "  # MLX's CPU matmuls on the BLAS the servers get
             "from benchmarks.investigations.decode_roofline import mlx_lm_rate; "
             "tps, nbytes = mlx_lm_rate(Path(sys.argv[1]), sys.argv[3], int(sys.argv[2])); "
             "print(json.dumps({'tok_s': tps, 'weight_bytes': nbytes}))")
