@@ -104,7 +104,7 @@ def test_bundled_model_on_three_ranks_matches_one(models, server):
         tp3.stop()
 
 
-@pytest.mark.parametrize("case", ["heads", "hostfile"])
+@pytest.mark.parametrize("case", ["heads", "hostfile", "nccl"])
 def test_unrunnable_tensor_parallel_setups_are_refused(case, models, tmp_path):
     """Refused before any weights load, naming what to change (tests/test_platform.py has the
     executor refusal)."""
@@ -114,6 +114,15 @@ def test_unrunnable_tensor_parallel_setups_are_refused(case, models, tmp_path):
         model = tiny.build(tiny.BY_NAME["llama3"], tmp_path / "llama3")
         args += ["--tensor-parallel-size", "2"]
         expected = "4 query and 1 key/value heads, which do not split evenly 2 ways"
+    elif case == "nccl" and SERVER_DEVICE == "cpu":
+        args += ["--tensor-parallel-size", "3"]
+        env = {"VLLM_METAL_DISTRIBUTED_BACKEND": "nccl"}
+        expected = "VLLM_METAL_DISTRIBUTED_BACKEND=nccl needs MLX computing on NVIDIA GPUs"
+    elif case == "nccl":  # on a GPU: ranks on two machines need the rendezvous address
+        model = tiny.build(_split_spec("qwen3"), tmp_path / "qwen3")
+        args += ["--tensor-parallel-size", "2", "--nnodes", "2", "--node-rank", "0", "--master-addr", "127.0.0.1"]
+        env = {"VLLM_METAL_DISTRIBUTED_BACKEND": "nccl"}
+        expected = "meet at NCCL_HOST_IP:NCCL_PORT"
     else:
         hostfile = tmp_path / "hosts.json"
         hostfile.write_text(json.dumps([["127.0.0.1:5000"]]))

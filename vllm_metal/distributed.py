@@ -51,9 +51,14 @@ class Plan:
         return cls(**value)
 
 
-def default_backend(on_cuda: bool) -> str:
-    """NCCL where MLX computes on NVIDIA GPUs, MLX's TCP ring elsewhere (CPU, Metal)."""
-    return "nccl" if on_cuda else "ring"
+def resolve_backend(setting: str) -> str:
+    """VLLM_METAL_DISTRIBUTED_BACKEND's backend; ``auto``: NCCL where MLX computes on NVIDIA GPUs,
+    MLX's TCP ring elsewhere (CPU, Metal)."""
+    if setting != "auto":
+        return setting
+    from vllm_metal.device import configured_device, gpu_backend
+
+    return "nccl" if configured_device() == "gpu" and gpu_backend() == "cuda" else "ring"
 
 
 def plan(world_size: int, backend: str, hostfile: str | None) -> Plan:
@@ -187,7 +192,14 @@ def refusals(vllm_config, metal_envs) -> list[str]:
                       "sharded; n-gram drafts work")
     if not metal_envs.use_paged_attention:
         refuse.append("--tensor-parallel-size > 1 needs the paged KV cache (VLLM_METAL_USE_PAGED_ATTENTION=1)")
-    if parallel.nnodes > 1 and metal_envs.distributed_backend in ("auto", "ring") and not metal_envs.hostfile:
+    backend = resolve_backend(metal_envs.distributed_backend)
+    if backend == "nccl" and resolve_backend("auto") != "nccl":
+        refuse.append("VLLM_METAL_DISTRIBUTED_BACKEND=nccl needs MLX computing on NVIDIA GPUs (mlx[cuda13]); "
+                      "use ring")
+    if parallel.nnodes > 1 and backend == "ring" and not metal_envs.hostfile:
         refuse.append("ranks on several machines (--nnodes > 1) find each other through VLLM_METAL_HOSTFILE "
                       "(an MLX ring hostfile, one entry per rank); set it on every machine")
+    if parallel.nnodes > 1 and backend == "nccl" and not (os.environ.get("NCCL_HOST_IP") and os.environ.get("NCCL_PORT")):
+        refuse.append("NCCL ranks on several machines (--nnodes > 1) meet at NCCL_HOST_IP:NCCL_PORT (the first "
+                      "machine's address and a free port); set both on every machine")
     return refuse

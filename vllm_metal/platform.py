@@ -22,7 +22,6 @@ from vllm_metal.device import (
     configured_device,
     describe_device,
     device_memory_bytes,
-    gpu_backend,
     requested_device,
     select_device,
 )
@@ -235,9 +234,7 @@ class MetalPlatform(Platform):
 
 def _plan_ranks(vllm_config: VllmConfig, cfg: envs.MetalEnvs) -> None:
     """Plan the ranks' MLX group (``distributed.plan``) and hand it to the workers in the config."""
-    backend = cfg.distributed_backend
-    if backend == "auto":
-        backend = distributed.default_backend(configured_device() == "gpu" and gpu_backend() == "cuda")
+    backend = distributed.resolve_backend(cfg.distributed_backend)
     try:
         plan = distributed.plan(vllm_config.parallel_config.world_size, backend, cfg.hostfile)
     except distributed.DistributedError:

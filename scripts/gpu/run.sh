@@ -15,6 +15,8 @@
 #                                # (bundled model in bf16; --model DIR for another)
 #   scripts/gpu/run.sh qmm       # one layer's product at 1-512 rows: 4-bit quantized_matmul vs bf16 vs dequantize
 #                                # then bf16 (K=4096, N=14336)
+#   scripts/gpu/run.sh tp        # tensor parallelism on 2 GPUs over NCCL: TP=2 parity tests, then llama-8b bf16
+#                                # TP=1 vs TP=2 at 1 and 32 clients (needs a machine with 2 GPUs)
 #   scripts/gpu/run.sh long      # long concurrent prompts (default 16 x 6000 tokens) on a random-weight
 #                                # Llama-3.2-1B-shaped bf16 checkpoint: statuses, peak GPU memory, health after;
 #                                # e.g. long --scenario 16x6000@8192 --scenario 4x30000@32768 [--shape llama-8b]
@@ -38,5 +40,9 @@ case "${1:-tests}" in
   ngram)   python3 -m benchmarks.investigations.ngram_drafts --device gpu --dtype bfloat16 --out "$out/ngram_drafts.json" "${@:2}" ;;
   qmm)     python3 -m benchmarks.investigations.quantized_matmul --out "$out/quantized_matmul.json" "${@:2}" ;;
   long)    python3 -m benchmarks.investigations.long_prompts --out "$out/long_prompts.json" "${@:2}" ;;
-  *) echo "usage: $0 tests|paged|compare|decode|steps|sizes|profile|ngram|qmm|long [args]"; exit 2 ;;
+  tp)      export NCCL_NVLS_ENABLE=0
+           python3 -m pytest -q -p no:cacheprovider tests/test_tensor_parallel.py -k matches 2>&1 | tee "$out/tp-tests.log" | tail -15
+           python3 -m benchmarks.investigations.decode_sizes --checkpoints llama-8b --concurrency 1 32 \
+             --one-step-ahead 1 --tensor-parallel-size 1 2 --out "$out/tensor_parallel.json" "${@:2}" ;;
+  *) echo "usage: $0 tests|paged|compare|decode|steps|sizes|profile|ngram|qmm|long|tp [args]"; exit 2 ;;
 esac
