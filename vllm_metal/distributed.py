@@ -56,9 +56,13 @@ def resolve_backend(setting: str) -> str:
     MLX's TCP ring elsewhere (CPU, Metal)."""
     if setting != "auto":
         return setting
+    return "nccl" if _computes_on_cuda() else "ring"
+
+
+def _computes_on_cuda() -> bool:
     from vllm_metal.device import configured_device, gpu_backend
 
-    return "nccl" if configured_device() == "gpu" and gpu_backend() == "cuda" else "ring"
+    return configured_device() == "gpu" and gpu_backend() == "cuda"
 
 
 def plan(world_size: int, backend: str, hostfile: str | None) -> Plan:
@@ -193,7 +197,7 @@ def refusals(vllm_config, metal_envs) -> list[str]:
     if not metal_envs.use_paged_attention:
         refuse.append("--tensor-parallel-size > 1 needs the paged KV cache (VLLM_METAL_USE_PAGED_ATTENTION=1)")
     backend = resolve_backend(metal_envs.distributed_backend)
-    if backend == "nccl" and resolve_backend("auto") != "nccl":
+    if backend == "nccl" and not _computes_on_cuda():
         refuse.append("VLLM_METAL_DISTRIBUTED_BACKEND=nccl needs MLX computing on NVIDIA GPUs (mlx[cuda13]); "
                       "use ring")
     if parallel.nnodes > 1 and backend == "ring" and not metal_envs.hostfile:

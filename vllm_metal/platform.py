@@ -237,12 +237,12 @@ def _plan_ranks(vllm_config: VllmConfig, cfg: envs.MetalEnvs) -> None:
     backend = distributed.resolve_backend(cfg.distributed_backend)
     try:
         plan = distributed.plan(vllm_config.parallel_config.world_size, backend, cfg.hostfile)
-    except distributed.DistributedError:
+        if not isinstance(vllm_config.additional_config, dict):
+            raise UnsupportedConfiguration("vllm-metal cannot run this configuration: --additional-config "
+                                           "must be a JSON object with --tensor-parallel-size > 1.")
+    except _REFUSALS:
         _report_refusals_plainly()
         raise
-    if not isinstance(vllm_config.additional_config, dict):
-        raise UnsupportedConfiguration("vllm-metal cannot run this configuration: --additional-config must be "
-                                       "a JSON object with --tensor-parallel-size > 1.")
     vllm_config.additional_config[distributed.CONFIG_KEY] = plan.to_config()
     logger.info("vllm-metal: %d ranks over MLX's %s backend", plan.world_size, plan.backend)
 
