@@ -170,6 +170,8 @@ def test_drafts_and_adapters_need_the_paged_cache(models, monkeypatch, kwargs):
         ({"VLLM_METAL_MEMORY_FRACTION": "2"}, "VLLM_METAL_MEMORY_FRACTION"),
         ({"VLLM_MLX_DEVICE": "tpu"}, "VLLM_MLX_DEVICE"),
         ({"VLLM_METAL_CPU_BLAS": "openblas"}, "VLLM_METAL_CPU_BLAS"),
+        ({"VLLM_MLX_DEVICE": "cpu", "VLLM_METAL_ATTENTION_KERNEL": "on"},
+         "VLLM_METAL_ATTENTION_KERNEL=on needs MLX on a GPU"),
     ],
 )
 def test_invalid_env_is_refused_at_config_time(models, monkeypatch, env, needle):

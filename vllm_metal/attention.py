@@ -27,6 +27,7 @@ from functools import cached_property
 import mlx.core as mx
 import numpy as np
 
+from vllm_metal.paged_kernel import KernelStep, PagedKernel
 from vllm_metal.recurrent import RecurrentLayerCache, RecurrentStore, StateArray
 
 MAX_MOVE_BYTES = 64 * 2**20  # K/V one block placement may move (its rows are held twice meanwhile)
@@ -108,6 +109,7 @@ class StepMetadata:
     slot_range: tuple[int, int] | None = None  # the step's slots form one run [a, b): slice write
     sequential: bool = False  # the groups exceed one call's budget together: evaluate each in turn
     limits: AttnLimits | None = None  # one sequence: its chunk is tiled by these (see attend)
+    kernel: KernelStep | None = None  # several sequences on the paged kernel (then no groups)
 
     @cached_property
     def slot_mapping(self) -> mx.array:
@@ -152,6 +154,7 @@ def build_step_metadata(
     block_tables: list[np.ndarray],
     block_size: int,
     limits: AttnLimits | None = None,
+    kernel: bool = False,
 ) -> StepMetadata:
     """Pack sequences (query lengths, first positions, physical blocks) into one step's metadata.
 
@@ -159,7 +162,8 @@ def build_step_metadata(
     every position up to ``seq_start_pos[i] + seq_lens_q[i] - 1``. Attention runs in groups:
     decode rows together, prefill chunks together, each split (by sequence, and long chunks by
     query rows) so that no call holds more than ``limits.budget``; without ``limits`` each kind
-    is one call.
+    is one call. With ``kernel``, a step of several sequences is described for the paged kernel
+    instead (``StepMetadata.kernel``), which reads the pools in place and needs no groups.
     """
     if len(seq_lens_q) == 1:
         return _one_sequence(int(seq_lens_q[0]), int(seq_start_pos[0]), block_tables[0], block_size, limits)
@@ -173,6 +177,10 @@ def build_step_metadata(
         pos = np.arange(p0, p0 + n)
         positions[cu[i] : cu[i + 1]] = pos
         slots[cu[i] : cu[i + 1]] = _slots(block_tables[i], pos, block_size)
+    one_run = (int(slots[0]), int(slots[-1]) + 1) if (np.diff(slots) == 1).all() else None
+    if kernel:
+        return StepMetadata(mx.array(positions), slots, [], None, one_run, limits=limits,
+                            kernel=KernelStep.build(seq_lens_q, seq_start_pos, block_tables, block_size))
 
     groups: list[AttnGroup] = []
     order_parts: list[np.ndarray] = []
@@ -198,7 +206,6 @@ def build_step_metadata(
         one = pieces[0][3] if s == 1 else None  # a lone piece reads exactly its context
         groups.append(AttnGroup(tok, qpos, table, rows, in_order=in_order, ctx_len=one))
         order_parts.append(tok.reshape(-1)[flat_valid])
-    one_run = (int(slots[0]), int(slots[-1]) + 1) if (np.diff(slots) == 1).all() else None
     sequential = limits is not None and sum(
         limits.cost(*g.tok.shape, g.table.shape[1] * block_size) for g in groups) > limits.budget
     concat_rows = np.concatenate(order_parts)
@@ -389,9 +396,11 @@ class PagedKVStore:
 
     def __init__(self, specs: list[LayerSpec], num_blocks: int, block_size: int, dtype: mx.Dtype,
                  limits: AttnLimits | None = None, state_slots: int = 0,
-                 layer_groups: list[int] | None = None, layer_pools: list[int | None] | None = None):
+                 layer_groups: list[int] | None = None, layer_pools: list[int | None] | None = None,
+                 kernel: PagedKernel | None = None):
         self.block_size = block_size
         self.limits = limits  # how a step's attention is split (None: one call per kind)
+        self.kernel = kernel  # steps of several sequences attend through it (None: MLX ops)
         self.num_blocks = num_blocks
         slots = num_blocks * block_size
         # The pool pair each layer that holds K/V writes: its own, or, where vLLM overlays its KV
@@ -597,15 +606,20 @@ class PagedLayerCache:
         """Queries ``(T, H, 1, D)`` -> output ``(T, H, 1, Dv)``; ``softcap`` soft-caps the scores."""
         self.store.calls += 1
         step = self.step
+        t, h = queries.shape[0], queries.shape[1]
+        k_pool, v_pool = self.store.k[self.layer], self.store.v[self.layer]
+        if step.kernel is not None:
+            out = self.store.kernel(_as(queries.reshape(t, h, -1), k_pool.dtype), k_pool, v_pool, step.kernel,
+                                    scale, self.window, sinks, softcap)
+            return _as(out.reshape(t, h, 1, -1), queries.dtype)
         g = step.groups[0]
         if (len(step.groups) == 1 and (g.ctx_slot0 is not None or g.ctx_slots is not None)
                 and (start := g.visible_from(self.window)) is not None):
             return self._attend_one_sequence(queries, g, start, scale, sinks, softcap)
-        t, h = queries.shape[0], queries.shape[1]
         out = paged_attention(
             queries.reshape(t, h, -1),
-            self.store.k[self.layer],
-            self.store.v[self.layer],
+            k_pool,
+            v_pool,
             step,
             self.store.block_size,
             scale,

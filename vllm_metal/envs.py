@@ -141,6 +141,15 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "calls of at most this size, evaluated one after another, so long concurrent prompts "
            "stay within what startup reserved. `auto`: 1/64 of device memory, between 64 MiB and "
            "1 GiB. Smaller values reserve less at startup and launch more calls."),
+    EnvVar("VLLM_METAL_ATTENTION_KERNEL", "auto", _choice("auto", "on", "off"),
+           "Paged path, steps of several sequences: attention in one GPU kernel per layer that "
+           "reads K/V in place through the block tables (`vllm_metal/paged_kernel.py`), instead of "
+           "gathering each sequence's blocks into a padded copy for MLX's SDPA. `auto`: the CUDA "
+           "kernel where MLX computes on CUDA; MLX ops on Metal and the CPU. `on`: the kernel of "
+           "the GPU MLX computes on, the Metal one included (never run on Apple hardware by us); "
+           "refused on the CPU. `off`: MLX ops everywhere. A model whose attention the kernel "
+           "cannot take (head dims, many query heads per K/V head) uses MLX ops under `auto` and "
+           "is refused under `on`."),
     EnvVar("VLLM_METAL_USE_MLX", "1", _bool,
            "Use MLX for compute. `0` is refused: MLX is the plugin's only compute path "
            "(use vLLM's own CPU backend with `VLLM_PLUGINS=` instead)."),
@@ -205,6 +214,7 @@ ENV_VARS: tuple[EnvVar, ...] = (
 class MetalEnvs:
     memory_fraction: float | str
     attention_mb: int | str
+    attention_kernel: str  # auto, on or off
     use_mlx: bool
     mlx_device: str
     cpu_blas: str
@@ -229,6 +239,7 @@ def load(environ: dict[str, str] | None = None) -> MetalEnvs:
     cfg = MetalEnvs(
         memory_fraction=parsed["VLLM_METAL_MEMORY_FRACTION"],
         attention_mb=parsed["VLLM_METAL_ATTENTION_MB"],
+        attention_kernel=parsed["VLLM_METAL_ATTENTION_KERNEL"],
         use_mlx=parsed["VLLM_METAL_USE_MLX"],
         mlx_device=parsed["VLLM_MLX_DEVICE"],
         cpu_blas=parsed["VLLM_METAL_CPU_BLAS"],

@@ -44,10 +44,10 @@ from vllm.v1.sample.logits_processor import build_logitsprocs
 from vllm.v1.sample.sampler import Sampler
 from vllm.v1.worker.gpu_input_batch import CachedRequestState, InputBatch
 
-from vllm_metal import envs
+from vllm_metal import envs, paged_kernel
 from vllm_metal.attention import attention_limits
 from vllm_metal.bridge import mlx_to_torch
-from vllm_metal.device import EvalTimer, device_memory_bytes, on_gpu
+from vllm_metal.device import EvalTimer, device_memory_bytes, gpu_backend, on_gpu
 from vllm_metal.kv_backend import KVBackend, StepBatch
 from vllm_metal.loader import LoadedModel, load, resolve_model_dir
 from vllm_metal.lora import LoRAs
@@ -237,7 +237,26 @@ class MetalModelRunner:
         limits = attention_limits(self.loaded.specs, self.loaded.dtype, budget)
         return PagedBackend(self.loaded, self.block_size, self.max_model_len, limits, self.evaluate,
                             state_slots=self.max_num_reqs, layer_groups=self.layer_groups,
-                            layer_pools=self.layer_pools, place_group=self.place_group)
+                            layer_pools=self.layer_pools, place_group=self.place_group,
+                            kernel=self._attention_kernel())
+
+    def _attention_kernel(self) -> paged_kernel.PagedKernel | None:
+        """The paged attention kernel VLLM_METAL_ATTENTION_KERNEL selects for this model, or None
+        (MLX ops). Under ``auto`` a model whose attention the kernel cannot take uses MLX ops."""
+        setting = self.envs.attention_kernel
+        try:
+            kernel = paged_kernel.select(setting, gpu_backend(), on_gpu())
+            for s in self.loaded.specs:
+                if kernel is not None and s.state is None:
+                    paged_kernel.check_geometry(s.q_heads, s.kv_heads, s.head_dim, s.v_head_dim)
+        except paged_kernel.KernelUnsupported as e:
+            if setting == "on":
+                raise UnsupportedModelError(
+                    f"VLLM_METAL_ATTENTION_KERNEL=on: the paged attention kernel cannot take this model ({e}); "
+                    "use VLLM_METAL_ATTENTION_KERNEL=auto or off.") from e
+            logger.info("vllm-metal: batched attention runs in MLX ops: the paged kernel cannot take %s", e)
+            return None
+        return kernel
 
     def get_kv_cache_spec(self) -> dict[str, KVCacheSpec]:
         """One spec per layer that holds K/V (not those reading another layer's, nor recurrent

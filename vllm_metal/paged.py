@@ -16,6 +16,7 @@ from vllm_metal.device import EvalTimer
 from vllm_metal.kv_backend import KVBackend, StepBatch
 from vllm_metal.loader import LoadedModel
 from vllm_metal.mlx_lm_models import UnsupportedModelError
+from vllm_metal.paged_kernel import MIN_PART, PagedKernel
 
 
 class PagedBackend(KVBackend):
@@ -23,8 +24,10 @@ class PagedBackend(KVBackend):
 
     def __init__(self, loaded: LoadedModel, block_size: int, max_model_len: int, limits: AttnLimits,
                  evaluate: EvalTimer, state_slots: int = 0, layer_groups: list[int] | None = None,
-                 layer_pools: list[int | None] | None = None, place_group: int = 0):
+                 layer_pools: list[int | None] | None = None, place_group: int = 0,
+                 kernel: PagedKernel | None = None):
         self.loaded = loaded
+        self.kernel = kernel  # the paged attention kernel steps of several sequences use (None: MLX ops)
         self.state_slots = state_slots  # requests whose recurrent state the store holds at once
         self.layer_groups = layer_groups  # each layer's KV cache group (None: one group)
         self.layer_pools = layer_pools  # each layer's pool, shared across groups (None: one per layer)
@@ -39,7 +42,7 @@ class PagedBackend(KVBackend):
 
     def _new_store(self, num_blocks: int, state_slots: int) -> PagedKVStore:
         return PagedKVStore(self.loaded.specs, num_blocks, self.block_size, self.loaded.dtype, self.limits,
-                            state_slots, self.layer_groups, self.layer_pools)
+                            state_slots, self.layer_groups, self.layer_pools, self.kernel)
 
     def allocate(self, num_blocks: int) -> None:
         self.store = self._new_store(num_blocks, self.state_slots)
@@ -69,9 +72,10 @@ class PagedBackend(KVBackend):
         groups = "" if self.num_groups == 1 else (
             f" in {self.num_groups} groups over {sum(a is not None for a in store.k)} pools "
             "(sliding-window layers hold only their window)")
+        attention = (f"batched attention in the {self.kernel.backend} paged kernel" if self.kernel is not None
+                     else f"attention calls hold up to {self.limits.budget / 2**20:.0f} MiB each")
         return (f"paged KV cache of {store.num_blocks} blocks x {self.block_size} tokens{groups} "
-                f"({store.kv_nbytes() / 2**20:.1f} MiB){state}; attention calls hold up to "
-                f"{self.limits.budget / 2**20:.0f} MiB each")
+                f"({store.kv_nbytes() / 2**20:.1f} MiB){state}; {attention}")
 
     def forward(self, step: StepBatch) -> mx.array:
         store = self.store
@@ -98,7 +102,8 @@ class PagedBackend(KVBackend):
     def _run(self, store: PagedKVStore, lens: list[int], starts: list[int], tables: list[list[np.ndarray]],
              tokens: mx.array, rows: mx.array | None) -> mx.array:
         """``tables``: per KV cache group, each request's physical blocks."""
-        store.steps = [build_step_metadata(lens, starts, t, self.block_size, store.limits) for t in tables]
+        store.steps = [build_step_metadata(lens, starts, t, self.block_size, store.limits, store.kernel is not None)
+                       for t in tables]
         store.calls = 0
         logits = self.loaded.logits(tokens, store.layers, rows)
         self.evaluate(logits, store.arrays() + store.state_arrays())
@@ -129,10 +134,17 @@ class PagedBackend(KVBackend):
 
     def warm_up(self, num_tokens: int) -> None:
         """A single-sequence prefill (the mask-free path) and a step of a prefill chunk and a decode
-        (the masked block-table path): MLX's CUDA backend compiles kernels on first use."""
+        (the masked block-table path, or the paged kernel's prefill layout); with the kernel also
+        decode-only steps, short and with partitioned contexts: MLX's CUDA backend compiles
+        kernels on first use."""
         self.profile([num_tokens], [0])
         if self.max_model_len > 3:  # the smallest such step: 2 + 1 rows
             self._scratch_forward([2, 1], [0, 2])
+        if self.kernel is not None:
+            self._scratch_forward([1, 1], [0, 1])
+            long = min(self.max_model_len - 1, 4 * MIN_PART)
+            if long >= 2 * MIN_PART:
+                self._scratch_forward([1, 1], [long, long])
 
     def _scratch_forward(self, lens: list[int], starts: list[int]) -> int:
         """One step of ``lens`` tokens at ``starts`` through a scratch store (the real pool is

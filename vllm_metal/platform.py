@@ -163,6 +163,9 @@ class MetalPlatform(Platform):
         elif spec is not None and not cfg.use_paged_attention:
             refuse.append("speculative decoding (--speculative-config) needs the paged KV cache "
                           "(VLLM_METAL_USE_PAGED_ATTENTION=1)")
+        if cfg.attention_kernel == "on" and (configured_device() == "cpu" or not cfg.use_paged_attention):
+            refuse.append("VLLM_METAL_ATTENTION_KERNEL=on needs MLX on a GPU (CUDA or Metal) and the paged KV "
+                          "cache; use auto or off here")
         if vllm_config.lora_config is not None and not cfg.use_paged_attention:
             refuse.append("LoRA (--enable-lora) needs the paged KV cache (VLLM_METAL_USE_PAGED_ATTENTION=1)")
         model_config = vllm_config.model_config

@@ -17,6 +17,11 @@
 #                                # then bf16 (K=4096, N=14336)
 #   scripts/gpu/run.sh tp        # tensor parallelism on 2 GPUs over NCCL: TP=2 parity tests, then llama-8b bf16
 #                                # TP=1 vs TP=2 at 1 and 32 clients (needs a machine with 2 GPUs)
+#   scripts/gpu/run.sh kernel    # the paged attention kernel: its tests (vs NumPy float64 and the MLX-op path),
+#                                # then one layer's attention, kernel vs MLX ops, for batched decode at ~2k/~8k
+#                                # contexts and prefill chunks (llama-1b and llama-8b geometries)
+#   scripts/gpu/run.sh context   # 16 and 32 clients with ~2k and ~8k-token prompts on a random 1B Llama: the
+#                                # plugin with the kernel on and off, and mlx_lm.server (TPOT, tok/s, TTFT)
 #   scripts/gpu/run.sh long      # long concurrent prompts (default 16 x 6000 tokens) on a random-weight
 #                                # Llama-3.2-1B-shaped bf16 checkpoint: statuses, peak GPU memory, health after;
 #                                # e.g. long --scenario 16x6000@8192 --scenario 4x30000@32768 [--shape llama-8b]
@@ -39,10 +44,13 @@ case "${1:-tests}" in
   profile) python3 -m benchmarks.investigations.host_profile --out "$out/host_profile.json" "${@:2}" ;;
   ngram)   python3 -m benchmarks.investigations.ngram_drafts --device gpu --dtype bfloat16 --out "$out/ngram_drafts.json" "${@:2}" ;;
   qmm)     python3 -m benchmarks.investigations.quantized_matmul --out "$out/quantized_matmul.json" "${@:2}" ;;
+  kernel)  python3 -m pytest -q -p no:cacheprovider tests/test_attention_kernel.py 2>&1 | tee "$out/kernel-tests.log" | tail -15
+           python3 -m benchmarks.investigations.paged_kernel --out "$out/paged_kernel.json" "${@:2}" ;;
+  context) python3 -m benchmarks.investigations.long_context --out "$out/long_context.json" "${@:2}" ;;
   long)    python3 -m benchmarks.investigations.long_prompts --out "$out/long_prompts.json" "${@:2}" ;;
   tp)      export NCCL_NVLS_ENABLE=0
            python3 -m pytest -q -p no:cacheprovider tests/test_tensor_parallel.py -k matches 2>&1 | tee "$out/tp-tests.log" | tail -15
            python3 -m benchmarks.investigations.decode_sizes --checkpoints llama-8b --concurrency 1 32 \
              --one-step-ahead 1 --tensor-parallel-size 1 2 --out "$out/tensor_parallel.json" "${@:2}" ;;
-  *) echo "usage: $0 tests|paged|compare|decode|steps|sizes|profile|ngram|qmm|long|tp [args]"; exit 2 ;;
+  *) echo "usage: $0 tests|kernel|context|paged|compare|decode|steps|sizes|profile|ngram|qmm|long|tp [args]"; exit 2 ;;
 esac
