@@ -13,6 +13,10 @@ Python loop over requests runs per layer. A step of one sequence (single-stream 
 the mask: ``PagedLayerCache`` reads exactly its visible context (a pool slice, or one gather by
 slot) and ``paged_attention`` stays the general masked op.
 
+With a paged kernel (``paged_kernel.py``: CUDA, or Metal when asked for), a step of several
+sequences attends in that kernel instead, which reads the pools in place through the block tables;
+the MLX-op path here stays the reference and serves every other device and step.
+
 vLLM's block ids name blocks; where a block's K/V lie in the pool is ours (``PagedKVStore.phys``).
 Before a step of one sequence the store swaps blocks so that sequence's context is one slice of
 the pool: vLLM reuses freed blocks last-in first-out and a prefix hit starts wherever the prefix

@@ -12,7 +12,9 @@ output tok/s over the wall clock, mean TTFT, mean TPOT (``(latency - TTFT) / (to
 decode steps, with the other requests' prefill chunks that land between them), failures.
 Systems: ``kernel`` = ``vllm serve`` with ``VLLM_METAL_ATTENTION_KERNEL=on``, ``ops`` = the same
 with ``off``, ``mlx-lm`` = ``mlx_lm.server`` on the same weights. Each server first answers C
-short requests at once (first-use kernel compilation), untimed. JSON (``--out``) after every server.
+short requests at once (first-use kernel compilation), untimed; a server that stops answering (a
+level ran it out of memory) is restarted before the next level, and the restart recorded. JSON
+(``--out``) after every level.
 """
 
 from __future__ import annotations
@@ -74,6 +76,12 @@ def long_prompts(hf_dir: Path, tokens: int, count: int, seed: int) -> list[str]:
     return out
 
 
+def serves(server: Server, bias: dict[str, float]) -> bool:
+    """Whether the server still answers a short request (mlx_lm.server's process outlives its
+    generation thread, e.g. after running out of device memory, and then answers 404)."""
+    return server.alive() and run_level(server, ["Say hi."], 2, bias)["completed"] == 1
+
+
 def run_level(server: Server, prompts: list[str], max_tokens: int, bias: dict[str, float]) -> dict[str, Any]:
     results, wall = asyncio.run(run_clients(server.base_url, server.model_id, prompts, max_tokens, len(prompts),
                                             bias, count_tokens=lambda text: 0))
@@ -115,6 +123,11 @@ def main(argv: list[str] | None = None) -> int:
             run_level(server, warm, 8, bias)
             for p in args.prompt_tokens:
                 for c in args.concurrency:
+                    if not serves(server, bias):  # a level that killed it must not void the next ones
+                        entry.setdefault("restarts", []).append({"before": [p, c], "log_tail": server.log_tail()})
+                        server.stop()
+                        server.start(timeout=900)
+                        run_level(server, warm, 8, bias)
                     r = run_level(server, long_prompts(path, p, c, args.seed + p + c), args.max_tokens, bias)
                     entry["levels"].append({"prompt_tokens": p, "concurrency": c, **r})
                     print(f"  {server.name} P={p} C={c}: {r['output_throughput']:.0f} tok/s, TTFT "
