@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -153,25 +152,32 @@ def test_rank_that_dies_ends_the_server(tmp_path):
     server = VllmServer(path, ["--tensor-parallel-size", str(TP), "--dtype", "float32", "--max-model-len", "512",
                                "--kv-cache-memory-bytes", str(64 * _block_bytes(spec.config))], name="tp-rank-dies")
     try:
-        result: dict = {}
+        chunks: list[dict] = []
+        streaming = threading.Event()
 
         def generate():
+            body = {"model": server.model, "prompt": "Once", "max_tokens": 400, "ignore_eos": True, "stream": True}
             try:
-                result["status"] = server.post("/completions", {"model": server.model, "prompt": "Once",
-                                                                 "max_tokens": 400, "ignore_eos": True},
-                                               timeout=120).status_code
-            except httpx.HTTPError as exc:
-                result["status"] = type(exc).__name__
+                with httpx.stream("POST", f"{server.url}/completions", json=body, timeout=120) as r:
+                    for line in r.iter_lines():
+                        if line.startswith("data: ") and line != "data: [DONE]":
+                            chunks.append(json.loads(line[6:]))
+                            streaming.set()
+            except httpx.HTTPError:
+                pass  # the connection ending is one way for the failure to show
+            finally:
+                streaming.set()
 
         request = threading.Thread(target=generate)
         request.start()
         ranks = _ranks(server)
         assert set(ranks) == {0, 1}, f"worker processes by rank: {ranks}"
-        time.sleep(1)
-        ranks[1].send_signal(signal.SIGKILL)
+        assert streaming.wait(timeout=120), "no token streamed"
+        ranks[1].send_signal(signal.SIGKILL)  # the generation is under way: 1 of 400 tokens out
         request.join(timeout=120)
         assert not request.is_alive(), "the request hung after a rank died"
-        assert result["status"] != 200, "a generation that lost a rank half-way reported success"
+        finished = [c["choices"][0].get("finish_reason") for c in chunks if c.get("choices")]
+        assert "length" not in finished, "a generation that lost a rank half-way reported success"
         server.proc.wait(timeout=120)  # raises if the server hangs
         assert "Worker proc VllmWorker-1 died unexpectedly" in server.log_path.read_text(errors="replace")
     finally:

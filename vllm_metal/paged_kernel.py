@@ -7,7 +7,8 @@ through the block tables, over each sequence's own context. It is the same compu
 MLX-op path, which stays the reference (tests compare the two and NumPy float64) and the path
 wherever the kernel is not used.
 
-The algorithm (one source per backend, written alike; ``CUDA_SOURCE`` and ``METAL_SOURCE``):
+The algorithm (``ATTENTION_BODY``, one source for both backends, their names for barriers,
+address spaces and simdgroup reductions in ``_HEADERS``):
 
 - The step's query rows are cut into *tiles*: a run of up to ``R`` consecutive rows of one
   sequence (a decode token is a tile of one row). A tile and one K/V head make ``G * rows`` query
@@ -155,7 +156,20 @@ class KernelStep:
         return Tiles(mx.array(tiles), mx.array(self.table), len(seq), parts)
 
 
-_HEADER = """
+# Each backend's names for what the one kernel body below needs: address spaces, barriers,
+# simdgroup reductions, fast math, and K/V row loads (16-byte vector loads on CUDA).
+_HEADERS = {
+    "cuda": """
+#define VM_SHARED __shared__
+#define VM_TG
+#define VM_UNROLL _Pragma("unroll")
+#define VM_UNROLL_4 _Pragma("unroll 4")
+#define VM_UNROLL_8 _Pragma("unroll 8")
+#define VM_SYNC_ALL() __syncthreads()
+#define VM_SYNC_SIMD() __syncwarp()
+#define VM_EXP(x) __expf(x)
+#define VM_TANH(x) tanhf(x)
+#define VM_FMAX(a, b) fmaxf(a, b)
 __device__ __forceinline__ float vm_float(float x) { return x; }
 __device__ __forceinline__ float vm_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float vm_float(__nv_bfloat16 x) { return __bfloat162float(x); }
@@ -163,28 +177,82 @@ template <typename T> __device__ __forceinline__ T vm_cast(float x);
 template <> __device__ __forceinline__ float vm_cast<float>(float x) { return x; }
 template <> __device__ __forceinline__ __half vm_cast<__half>(float x) { return __float2half(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 vm_cast<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
-__device__ __forceinline__ float vm_warp_max(float x) {
+template <int N, typename T> __device__ __forceinline__ void vm_load(float* dst, const T* src) {
+  const mlx::core::cu::AlignedVector<T, N> v = *reinterpret_cast<const mlx::core::cu::AlignedVector<T, N>*>(src);
+#pragma unroll
+  for (int j = 0; j < N; ++j) dst[j] = vm_float(v[j]);
+}
+__device__ __forceinline__ float vm_simd_max(float x) {
   for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
   return x;
 }
-__device__ __forceinline__ float vm_warp_sum(float x) {
+__device__ __forceinline__ float vm_simd_sum(float x) {
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
   return x;
 }
-"""
+""",
+    "metal": """
+#define VM_SHARED threadgroup
+#define VM_TG threadgroup
+#define VM_UNROLL
+#define VM_UNROLL_4
+#define VM_UNROLL_8
+#define VM_SYNC_ALL() threadgroup_barrier(mem_flags::mem_threadgroup)
+#define VM_SYNC_SIMD() simdgroup_barrier(mem_flags::mem_threadgroup)
+#define VM_EXP(x) fast::exp(x)
+#define VM_TANH(x) precise::tanh(x)
+#define VM_FMAX(a, b) max(a, b)
+template <typename U> inline float vm_float(U x) { return float(x); }
+template <typename U> inline U vm_cast(float x) { return U(x); }
+template <int N, typename P> inline void vm_load(thread float* dst, P src) {
+  for (int j = 0; j < N; ++j) dst[j] = float(src[j]);
+}
+inline float vm_simd_max(float x) { return simd_max(x); }
+inline float vm_simd_sum(float x) { return simd_sum(x); }
+""",
+}
 
-# Inputs: q (T, H, D); k_pool (slots, KVH, 1, D); v_pool (slots, KVH, 1, DV); tables (S, NB) int32;
-# tiles (n, 4) int32; params (2,) float32 = (scale, soft cap); sinks (H,) float32.
-# Outputs: one partition: out (T, H, DV); several: part_out (P, T, H, DV) and stats (P, T, H, 2) float32.
-CUDA_SOURCE = """
-  constexpr int QPW = (NQ + WQ - 1) / WQ;   // query vectors per simdgroup
-  constexpr int DPL = DV / 32;              // output columns per lane
-  __shared__ float sQ[NQ * D];
-  __shared__ float sP[4 * QPW * 32];
-  __shared__ float sMerge[(WC > 1) ? WC * NQ * (DV + 2) : 1];
-
+# Where each threadgroup is (CUDA's built-ins; the Metal attributes MLX passes when named here).
+# ``tid``/``nthreads`` are names for the built-ins rather than copies, so the CUDA code is the one
+# measured (scripts/gpu/run.sh kernel).
+_PROLOGUES = {
+    "cuda": """
   const int tile = blockIdx.x, kvh = blockIdx.y, part = blockIdx.z, parts = gridDim.z;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+#define nthreads blockDim.x
+""",
+    "metal": """
+  const int tile = threadgroup_position_in_grid.x, kvh = threadgroup_position_in_grid.y;
+  const int part = threadgroup_position_in_grid.z, parts = threadgroups_per_grid.z;
+  const int tid = thread_position_in_threadgroup.x;
+  const int warp = simdgroup_index_in_threadgroup, lane = thread_index_in_simdgroup;
+#define nthreads threads_per_threadgroup.x
+""",
+}
+_MERGE_PROLOGUES = {
+    "cuda": """
+  const size_t th = blockIdx.x;
+#define tid threadIdx.x
+#define nthreads blockDim.x
+""",
+    "metal": """
+  const size_t th = threadgroup_position_in_grid.x;
+#define tid thread_position_in_threadgroup.x
+#define nthreads threads_per_threadgroup.x
+""",
+}
+
+# The attention kernel. Inputs: q (T, H, D); k_pool (slots, KVH, 1, D); v_pool (slots, KVH, 1, DV);
+# tables (S, NB) int32; tiles (n, 4) int32; params (2,) float32 = (scale, soft cap); sinks (H,)
+# float32. Outputs: one partition: out (T, H, DV); several: part_out (P, T, H, DV) and stats
+# (P, T, H, 2) float32 (``EMIT``).
+ATTENTION_BODY = """
+  constexpr int QPW = (NQ + WQ - 1) / WQ;   // query vectors per simdgroup
+  constexpr int DPL = DV / 32;              // output columns per lane
+  VM_SHARED float sQ[NQ * D];
+  VM_SHARED float sP[4 * QPW * 32];
+  VM_SHARED float sMerge[(WC > 1) ? WC * NQ * (DV + 2) : 1];
+
   const int wq = warp % WQ, wc = warp / WQ;
   const int H = q_shape[1], T_rows = q_shape[0], KVH = k_pool_shape[1], NB = tables_shape[1];
   const int seq = tiles[tile * 4], row0 = tiles[tile * 4 + 1];
@@ -192,12 +260,12 @@ CUDA_SOURCE = """
   const int nq = nrows * G;
   const float scale = params[0], cap = params[1];
 
-  for (int e = tid; e < nq * D; e += blockDim.x) {
+  for (int e = tid; e < nq * D; e += nthreads) {
     const int i = e / D, d = e % D;
     const int r = i / G, g = i % G;
     sQ[e] = vm_float(q[((size_t)(row0 + r) * H + kvh * G + g) * D + d]) * scale;
   }
-  __syncthreads();
+  VM_SYNC_ALL();
 
   // This partition's share of the tile's visible context [lo_all, hi_all).
   const int hi_all = pos0 + nrows;
@@ -207,127 +275,122 @@ CUDA_SOURCE = """
   const int hi = min(hi_all, lo + per);
 
   float m[QPW], l[QPW], acc[QPW][DPL];
-#pragma unroll
+VM_UNROLL
   for (int i = 0; i < QPW; ++i) {
     m[i] = -INFINITY;
     l[i] = 0.f;
-#pragma unroll
+VM_UNROLL
     for (int j = 0; j < DPL; ++j) acc[i][j] = 0.f;
   }
-  float* myP = sP + warp * QPW * 32;
-  const int* table = tables + (size_t)seq * NB;
+  VM_TG float* myP = sP + warp * QPW * 32;
+  const auto table = tables + (size_t)seq * NB;   // Metal passes small inputs in `constant` memory
 
   for (int base = lo; base < hi; base += 32 * WC) {
     const int c0 = base + wc * 32;
     const int pos = c0 + lane;
     const bool in_part = pos < hi;
     float s[QPW];
-#pragma unroll
+VM_UNROLL
     for (int i = 0; i < QPW; ++i) s[i] = 0.f;
     if (in_part) {
       const int slot = table[pos / BS] * BS + pos % BS;
-      const T* krow = k_pool + ((size_t)slot * KVH + kvh) * D;
-#pragma unroll 4
+      const auto krow = k_pool + ((size_t)slot * KVH + kvh) * D;
+VM_UNROLL_4
       for (int d = 0; d < D; d += 8) {
-        const AlignedVector<T, 8> kv = *reinterpret_cast<const AlignedVector<T, 8>*>(krow + d);
         float kf[8];
-#pragma unroll
-        for (int j = 0; j < 8; ++j) kf[j] = vm_float(kv[j]);
-#pragma unroll
+        vm_load<8>(kf, krow + d);
+VM_UNROLL
         for (int i = 0; i < QPW; ++i) {
           const int qi = wq + WQ * i;
           if (qi < nq) {
-            const float* qrow = sQ + qi * D + d;
+            const VM_TG float* qrow = sQ + qi * D + d;
             float acc_s = s[i];
-#pragma unroll
+VM_UNROLL
             for (int j = 0; j < 8; ++j) acc_s += qrow[j] * kf[j];
             s[i] = acc_s;
           }
         }
       }
     }
-#pragma unroll
+VM_UNROLL
     for (int i = 0; i < QPW; ++i) {
       const int qi = wq + WQ * i;
       if (qi >= nq) break;   // uniform across the simdgroup
       const int qpos = pos0 + qi / G;
       const bool valid = in_part && pos <= qpos && (WINDOW == 0 || pos > qpos - WINDOW);
       float sc = s[i];
-      if (SOFTCAP) sc = cap * tanhf(sc / cap);
+      if (SOFTCAP) sc = cap * VM_TANH(sc / cap);
       sc = valid ? sc : -INFINITY;
-      const float mnew = fmaxf(m[i], vm_warp_max(sc));
-      const float p = valid ? __expf(sc - mnew) : 0.f;
-      const float alpha = (m[i] == -INFINITY) ? 0.f : __expf(m[i] - mnew);
-      l[i] = l[i] * alpha + vm_warp_sum(p);
+      const float mnew = VM_FMAX(m[i], vm_simd_max(sc));
+      const float p = valid ? VM_EXP(sc - mnew) : 0.f;
+      const float alpha = (m[i] == -INFINITY) ? 0.f : VM_EXP(m[i] - mnew);
+      l[i] = l[i] * alpha + vm_simd_sum(p);
       m[i] = mnew;
-#pragma unroll
+VM_UNROLL
       for (int j = 0; j < DPL; ++j) acc[i][j] *= alpha;
       myP[i * 32 + lane] = p;
     }
-    __syncwarp();
+    VM_SYNC_SIMD();
     const int ncols = min(32, hi - c0);
-#pragma unroll 8
+VM_UNROLL_8
     for (int c = 0; c < ncols; ++c) {
       const int pc = c0 + c;
       const int slot = table[pc / BS] * BS + pc % BS;
-      const AlignedVector<T, DPL> vv =
-          *reinterpret_cast<const AlignedVector<T, DPL>*>(v_pool + ((size_t)slot * KVH + kvh) * DV + lane * DPL);
       float vf[DPL];
-#pragma unroll
-      for (int j = 0; j < DPL; ++j) vf[j] = vm_float(vv[j]);
-#pragma unroll
+      vm_load<DPL>(vf, v_pool + ((size_t)slot * KVH + kvh) * DV + lane * DPL);
+VM_UNROLL
       for (int i = 0; i < QPW; ++i) {
         const int qi = wq + WQ * i;
         if (qi < nq) {
           const float p = myP[i * 32 + c];
-#pragma unroll
+VM_UNROLL
           for (int j = 0; j < DPL; ++j) acc[i][j] += p * vf[j];
         }
       }
     }
-    __syncwarp();
+    VM_SYNC_SIMD();
   }
 
   if (WC > 1) {   // merge the position groups' states: group wc's state at sMerge[wc][qi]
-#pragma unroll
+VM_UNROLL
     for (int i = 0; i < QPW; ++i) {
       const int qi = wq + WQ * i;
       if (qi < nq) {
-        float* st = sMerge + (wc * NQ + qi) * (DV + 2);
+        VM_TG float* st = sMerge + (wc * NQ + qi) * (DV + 2);
         if (lane == 0) { st[0] = m[i]; st[1] = l[i]; }
-#pragma unroll
+VM_UNROLL
         for (int j = 0; j < DPL; ++j) st[2 + lane * DPL + j] = acc[i][j];
       }
     }
-    __syncthreads();
+    VM_SYNC_ALL();
     if (wc != 0) return;
-#pragma unroll
+VM_UNROLL
     for (int i = 0; i < QPW; ++i) {
       const int qi = wq + WQ * i;
       if (qi < nq) {
         float mm = -INFINITY;
-        for (int w = 0; w < WC; ++w) mm = fmaxf(mm, sMerge[(w * NQ + qi) * (DV + 2)]);
+        for (int w = 0; w < WC; ++w) mm = VM_FMAX(mm, sMerge[(w * NQ + qi) * (DV + 2)]);
         float ll = 0.f;
         float a[DPL];
-#pragma unroll
+VM_UNROLL
         for (int j = 0; j < DPL; ++j) a[j] = 0.f;
         for (int w = 0; w < WC; ++w) {
-          const float* st = sMerge + (w * NQ + qi) * (DV + 2);
+          const VM_TG float* st = sMerge + (w * NQ + qi) * (DV + 2);
           if (st[0] == -INFINITY) continue;
-          const float f = __expf(st[0] - mm);
+          const float f = VM_EXP(st[0] - mm);
           ll += st[1] * f;
-#pragma unroll
+VM_UNROLL
           for (int j = 0; j < DPL; ++j) a[j] += st[2 + lane * DPL + j] * f;
         }
         m[i] = mm;
         l[i] = ll;
-#pragma unroll
+VM_UNROLL
         for (int j = 0; j < DPL; ++j) acc[i][j] = a[j];
       }
     }
   }
 
-#pragma unroll
+VM_UNROLL
   for (int i = 0; i < QPW; ++i) {
     const int qi = wq + WQ * i;
     if (qi >= nq) break;
@@ -338,231 +401,48 @@ CUDA_SOURCE = """
 """
 
 # How the kernel ends, with one partition (normalised output) or several (partials for the merge).
-CUDA_EMIT = {
+EMIT = {
     False: """{
       float mm = m[i], ll = l[i], f = 1.f;
       if (SINKS) {
         const float sk = sinks[h];
-        const float top = fmaxf(mm, sk);
-        f = (mm == -INFINITY) ? 0.f : __expf(mm - top);
-        ll = ll * f + __expf(sk - top);
+        const float top = VM_FMAX(mm, sk);
+        f = (mm == -INFINITY) ? 0.f : VM_EXP(mm - top);
+        ll = ll * f + VM_EXP(sk - top);
       }
       const float inv = (ll > 0.f) ? f / ll : 0.f;
-#pragma unroll
+VM_UNROLL
       for (int j = 0; j < DPL; ++j) out[th * DV + lane * DPL + j] = vm_cast<T>(acc[i][j] * inv);
     }""",
     True: """{
       const size_t at = (size_t)part * T_rows * H + th;
-#pragma unroll
+VM_UNROLL
       for (int j = 0; j < DPL; ++j) part_out[at * DV + lane * DPL + j] = acc[i][j];
       if (lane == 0) { stats[at * 2] = m[i]; stats[at * 2 + 1] = l[i]; }
     }""",
 }
 
-# Inputs: part_out (P, T, H, DV), stats (P, T, H, 2) float32, sinks (H,) float32. Output out (T, H, DV).
-CUDA_MERGE_SOURCE = """
-  const size_t th = blockIdx.x;
+# The merge of partitions. Inputs: part_out (P, T, H, DV), stats (P, T, H, 2) float32, sinks (H,)
+# float32. Output out (T, H, DV).
+MERGE_BODY = """
   const int P = part_out_shape[0], H = part_out_shape[2];
   const size_t TH = (size_t)part_out_shape[1] * H;
   const int h = th % H;
   float mm = SINKS ? sinks[h] : -INFINITY;
-  for (int p = 0; p < P; ++p) mm = fmaxf(mm, stats[(p * TH + th) * 2]);
-  float ll = SINKS ? __expf(sinks[h] - mm) : 0.f;
+  for (int p = 0; p < P; ++p) mm = VM_FMAX(mm, stats[(p * TH + th) * 2]);
+  float ll = SINKS ? VM_EXP(sinks[h] - mm) : 0.f;
   for (int p = 0; p < P; ++p) {
     const float mp = stats[(p * TH + th) * 2];
-    if (mp != -INFINITY) ll += stats[(p * TH + th) * 2 + 1] * __expf(mp - mm);
+    if (mp != -INFINITY) ll += stats[(p * TH + th) * 2 + 1] * VM_EXP(mp - mm);
   }
   const float inv = (ll > 0.f) ? 1.f / ll : 0.f;
-  for (int d = threadIdx.x; d < DV; d += blockDim.x) {
+  for (int d = tid; d < DV; d += nthreads) {
     float o = 0.f;
     for (int p = 0; p < P; ++p) {
       const float mp = stats[(p * TH + th) * 2];
-      if (mp != -INFINITY) o += part_out[(p * TH + th) * DV + d] * __expf(mp - mm);
+      if (mp != -INFINITY) o += part_out[(p * TH + th) * DV + d] * VM_EXP(mp - mm);
     }
     out[th * DV + d] = vm_cast<T>(o * inv);
-  }
-"""
-
-# The same two kernels for Metal (simdgroups of 32 lanes on Apple GPUs). Never run by us.
-METAL_SOURCE = """
-  constexpr int QPW = (NQ + WQ - 1) / WQ;
-  constexpr int DPL = DV / 32;
-  threadgroup float sQ[NQ * D];
-  threadgroup float sP[4 * QPW * 32];
-  threadgroup float sMerge[(WC > 1) ? WC * NQ * (DV + 2) : 1];
-
-  const int tile = threadgroup_position_in_grid.x, kvh = threadgroup_position_in_grid.y;
-  const int part = threadgroup_position_in_grid.z, parts = threadgroups_per_grid.z;
-  const int tid = thread_position_in_threadgroup.x;
-  const int warp = simdgroup_index_in_threadgroup, lane = thread_index_in_simdgroup;
-  const int wq = warp % WQ, wc = warp / WQ;
-  const int H = q_shape[1], T_rows = q_shape[0], KVH = k_pool_shape[1], NB = tables_shape[1];
-  const int seq = tiles[tile * 4], row0 = tiles[tile * 4 + 1];
-  const int nrows = tiles[tile * 4 + 2], pos0 = tiles[tile * 4 + 3];
-  const int nq = nrows * G;
-  const float scale = params[0], cap = params[1];
-
-  for (int e = tid; e < nq * D; e += threads_per_threadgroup.x) {
-    const int i = e / D, d = e % D;
-    const int r = i / G, g = i % G;
-    sQ[e] = float(q[(size_t(row0 + r) * H + kvh * G + g) * D + d]) * scale;
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-
-  const int hi_all = pos0 + nrows;
-  const int lo_all = (WINDOW > 0) ? max(0, pos0 - WINDOW + 1) : 0;
-  const int per = ((hi_all - lo_all + parts - 1) / parts + 31) / 32 * 32;
-  const int lo = lo_all + part * per;
-  const int hi = min(hi_all, lo + per);
-
-  float m[QPW], l[QPW], acc[QPW][DPL];
-  for (int i = 0; i < QPW; ++i) {
-    m[i] = -INFINITY;
-    l[i] = 0.f;
-    for (int j = 0; j < DPL; ++j) acc[i][j] = 0.f;
-  }
-  threadgroup float* myP = sP + warp * QPW * 32;
-  const device int* table = tables + size_t(seq) * NB;
-
-  for (int base = lo; base < hi; base += 32 * WC) {
-    const int c0 = base + wc * 32;
-    const int pos = c0 + lane;
-    const bool in_part = pos < hi;
-    float s[QPW];
-    for (int i = 0; i < QPW; ++i) s[i] = 0.f;
-    if (in_part) {
-      const int slot = table[pos / BS] * BS + pos % BS;
-      const device T* krow = k_pool + (size_t(slot) * KVH + kvh) * D;
-      for (int d = 0; d < D; d += 8) {
-        float kf[8];
-        for (int j = 0; j < 8; ++j) kf[j] = float(krow[d + j]);
-        for (int i = 0; i < QPW; ++i) {
-          const int qi = wq + WQ * i;
-          if (qi < nq) {
-            threadgroup const float* qrow = sQ + qi * D + d;
-            float acc_s = s[i];
-            for (int j = 0; j < 8; ++j) acc_s += qrow[j] * kf[j];
-            s[i] = acc_s;
-          }
-        }
-      }
-    }
-    for (int i = 0; i < QPW; ++i) {
-      const int qi = wq + WQ * i;
-      if (qi >= nq) break;
-      const int qpos = pos0 + qi / G;
-      const bool valid = in_part && pos <= qpos && (WINDOW == 0 || pos > qpos - WINDOW);
-      float sc = s[i];
-      if (SOFTCAP) sc = cap * precise::tanh(sc / cap);
-      sc = valid ? sc : -INFINITY;
-      const float mnew = max(m[i], simd_max(sc));
-      const float p = valid ? fast::exp(sc - mnew) : 0.f;
-      const float alpha = (m[i] == -INFINITY) ? 0.f : fast::exp(m[i] - mnew);
-      l[i] = l[i] * alpha + simd_sum(p);
-      m[i] = mnew;
-      for (int j = 0; j < DPL; ++j) acc[i][j] *= alpha;
-      myP[i * 32 + lane] = p;
-    }
-    simdgroup_barrier(mem_flags::mem_threadgroup);
-    const int ncols = min(32, hi - c0);
-    for (int c = 0; c < ncols; ++c) {
-      const int pc = c0 + c;
-      const int slot = table[pc / BS] * BS + pc % BS;
-      const device T* vrow = v_pool + (size_t(slot) * KVH + kvh) * DV + lane * DPL;
-      float vf[DPL];
-      for (int j = 0; j < DPL; ++j) vf[j] = float(vrow[j]);
-      for (int i = 0; i < QPW; ++i) {
-        const int qi = wq + WQ * i;
-        if (qi < nq) {
-          const float p = myP[i * 32 + c];
-          for (int j = 0; j < DPL; ++j) acc[i][j] += p * vf[j];
-        }
-      }
-    }
-    simdgroup_barrier(mem_flags::mem_threadgroup);
-  }
-
-  if (WC > 1) {
-    for (int i = 0; i < QPW; ++i) {
-      const int qi = wq + WQ * i;
-      if (qi < nq) {
-        threadgroup float* st = sMerge + (wc * NQ + qi) * (DV + 2);
-        if (lane == 0) { st[0] = m[i]; st[1] = l[i]; }
-        for (int j = 0; j < DPL; ++j) st[2 + lane * DPL + j] = acc[i][j];
-      }
-    }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-    if (wc != 0) return;
-    for (int i = 0; i < QPW; ++i) {
-      const int qi = wq + WQ * i;
-      if (qi < nq) {
-        float mm = -INFINITY;
-        for (int w = 0; w < WC; ++w) mm = max(mm, sMerge[(w * NQ + qi) * (DV + 2)]);
-        float ll = 0.f;
-        float a[DPL];
-        for (int j = 0; j < DPL; ++j) a[j] = 0.f;
-        for (int w = 0; w < WC; ++w) {
-          threadgroup const float* st = sMerge + (w * NQ + qi) * (DV + 2);
-          if (st[0] == -INFINITY) continue;
-          const float f = fast::exp(st[0] - mm);
-          ll += st[1] * f;
-          for (int j = 0; j < DPL; ++j) a[j] += st[2 + lane * DPL + j] * f;
-        }
-        m[i] = mm;
-        l[i] = ll;
-        for (int j = 0; j < DPL; ++j) acc[i][j] = a[j];
-      }
-    }
-  }
-
-  for (int i = 0; i < QPW; ++i) {
-    const int qi = wq + WQ * i;
-    if (qi >= nq) break;
-    const int row = row0 + qi / G, h = kvh * G + qi % G;
-    const size_t th = size_t(row) * H + h;
-    EMIT
-  }
-"""
-
-METAL_EMIT = {
-    False: """{
-      float mm = m[i], ll = l[i], f = 1.f;
-      if (SINKS) {
-        const float sk = sinks[h];
-        const float top = max(mm, sk);
-        f = (mm == -INFINITY) ? 0.f : fast::exp(mm - top);
-        ll = ll * f + fast::exp(sk - top);
-      }
-      const float inv = (ll > 0.f) ? f / ll : 0.f;
-      for (int j = 0; j < DPL; ++j) out[th * DV + lane * DPL + j] = T(acc[i][j] * inv);
-    }""",
-    True: """{
-      const size_t at = size_t(part) * T_rows * H + th;
-      for (int j = 0; j < DPL; ++j) part_out[at * DV + lane * DPL + j] = acc[i][j];
-      if (lane == 0) { stats[at * 2] = m[i]; stats[at * 2 + 1] = l[i]; }
-    }""",
-}
-
-METAL_MERGE_SOURCE = """
-  const size_t th = threadgroup_position_in_grid.x;
-  const int P = part_out_shape[0], H = part_out_shape[2];
-  const size_t TH = size_t(part_out_shape[1]) * H;
-  const int h = th % H;
-  float mm = SINKS ? sinks[h] : -INFINITY;
-  for (int p = 0; p < P; ++p) mm = max(mm, stats[(p * TH + th) * 2]);
-  float ll = SINKS ? fast::exp(sinks[h] - mm) : 0.f;
-  for (int p = 0; p < P; ++p) {
-    const float mp = stats[(p * TH + th) * 2];
-    if (mp != -INFINITY) ll += stats[(p * TH + th) * 2 + 1] * fast::exp(mp - mm);
-  }
-  const float inv = (ll > 0.f) ? 1.f / ll : 0.f;
-  for (uint d = thread_position_in_threadgroup.x; d < uint(DV); d += threads_per_threadgroup.x) {
-    float o = 0.f;
-    for (int p = 0; p < P; ++p) {
-      const float mp = stats[(p * TH + th) * 2];
-      if (mp != -INFINITY) o += part_out[(p * TH + th) * DV + d] * fast::exp(mp - mm);
-    }
-    out[th * DV + d] = T(o * inv);
   }
 """
 
@@ -571,29 +451,26 @@ _INPUTS = ["q", "k_pool", "v_pool", "tables", "tiles", "params", "sinks"]
 
 def attention_source(backend: str, split: bool) -> str:
     """The attention kernel's body for ``backend``, ending with one partition's output or partials."""
-    if backend == "cuda":
-        return CUDA_SOURCE.replace("EMIT", CUDA_EMIT[split])
-    return METAL_SOURCE.replace("EMIT", METAL_EMIT[split])
+    return _PROLOGUES[backend] + ATTENTION_BODY.replace("EMIT", EMIT[split])
+
+
+def merge_source(backend: str) -> str:
+    return _MERGE_PROLOGUES[backend] + MERGE_BODY
+
+
+def header(backend: str) -> str:
+    return _HEADERS[backend]
 
 
 @functools.cache
 def _kernels(backend: str, split: bool):
     """The (attention, merge) kernel objects of ``backend``; MLX compiles one per template set."""
-    outputs = ["part_out", "stats"] if split else ["out"]
-    if backend == "cuda":
-        main = mx.fast.cuda_kernel(name="vllm_metal_paged_attention_split" if split else "vllm_metal_paged_attention",
-                                   input_names=_INPUTS, output_names=outputs,
-                                   source=attention_source(backend, split), header=_HEADER)
-        merge = mx.fast.cuda_kernel(name="vllm_metal_paged_attention_merge",
-                                    input_names=["part_out", "stats", "sinks"], output_names=["out"],
-                                    source=CUDA_MERGE_SOURCE, header=_HEADER)
-    else:
-        main = mx.fast.metal_kernel(name="vllm_metal_paged_attention_split" if split else "vllm_metal_paged_attention",
-                                    input_names=_INPUTS, output_names=outputs,
-                                    source=attention_source(backend, split))
-        merge = mx.fast.metal_kernel(name="vllm_metal_paged_attention_merge",
-                                     input_names=["part_out", "stats", "sinks"], output_names=["out"],
-                                     source=METAL_MERGE_SOURCE)
+    make = mx.fast.cuda_kernel if backend == "cuda" else mx.fast.metal_kernel
+    main = make(name="vllm_metal_paged_attention_split" if split else "vllm_metal_paged_attention",
+                input_names=_INPUTS, output_names=["part_out", "stats"] if split else ["out"],
+                source=attention_source(backend, split), header=header(backend))
+    merge = make(name="vllm_metal_paged_attention_merge", input_names=["part_out", "stats", "sinks"],
+                 output_names=["out"], source=merge_source(backend), header=header(backend))
     return main, merge
 
 

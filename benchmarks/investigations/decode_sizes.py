@@ -121,11 +121,13 @@ class Plugin(Server):
     """``vllm serve`` on the checkpoint (bf16 unless told), one-step-ahead on or off, on
     ``tensor_parallel`` ranks."""
 
-    def __init__(self, setup: Setup, one_step_ahead: str, tensor_parallel: int = 1, dtype: str = "bfloat16"):
-        self.name = f"vllm-metal-osa{one_step_ahead}" + (f"-tp{tensor_parallel}" if tensor_parallel > 1 else "")
+    def __init__(self, setup: Setup, one_step_ahead: str, tensor_parallel: int = 1, dtype: str = "bfloat16",
+                 name: str | None = None, extra_env: dict[str, str] | None = None):
+        self.name = name or f"vllm-metal-osa{one_step_ahead}" + (f"-tp{tensor_parallel}" if tensor_parallel > 1 else "")
         self.one_step_ahead = one_step_ahead
         self.tensor_parallel = tensor_parallel
         self.dtype = dtype
+        self.extra_env = extra_env or {}
         super().__init__(setup)
 
     @property
@@ -141,7 +143,8 @@ class Plugin(Server):
             "--tensor-parallel-size", str(self.tensor_parallel)])
 
     def env(self) -> dict[str, str]:
-        return {"VLLM_MLX_DEVICE": self.setup.device, "VLLM_METAL_ONE_STEP_AHEAD": self.one_step_ahead}
+        return {"VLLM_MLX_DEVICE": self.setup.device, "VLLM_METAL_ONE_STEP_AHEAD": self.one_step_ahead,
+                **self.extra_env}
 
 
 def sweep(server: Server, levels: list[int], max_tokens: int, bias: dict[str, float],

@@ -28,36 +28,17 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import machine
+from benchmarks.investigations.decode_sizes import Plugin
 from benchmarks.investigations.long_prompts import ensure_checkpoint
 from benchmarks.load import run_clients, summarize
 from benchmarks.prompts import eos_logit_bias
-from benchmarks.server import vllm_serve_command
 from benchmarks.systems import MlxLm, Server, Setup
 
-SERVED_NAME = "llama-random"
 
-
-class Plugin(Server):
-    """``vllm serve`` at bf16 with the paged attention kernel on or off."""
-
-    def __init__(self, setup: Setup, kernel: str):
-        self.name = f"vllm-metal-kernel-{kernel}"
-        self.kernel = kernel
-        super().__init__(setup)
-
-    @property
-    def model_id(self) -> str:
-        return SERVED_NAME
-
-    def command(self) -> list[str]:
-        s = self.setup
-        return vllm_serve_command(s.hf, self.port, [
-            "--served-model-name", SERVED_NAME, "--dtype", "bfloat16", "--max-model-len", str(s.max_model_len),
-            "--max-num-seqs", str(s.max_num_seqs), "--seed", "0", "--no-enable-prefix-caching",
-            "--kv-cache-memory-bytes", str(int(s.kv_cache_gib * 2**30))])
-
-    def env(self) -> dict[str, str]:
-        return {"VLLM_MLX_DEVICE": self.setup.device, "VLLM_METAL_ATTENTION_KERNEL": self.kernel}
+def plugin(setup: Setup, kernel: str) -> Server:
+    """``vllm serve`` at bf16 (``decode_sizes``' server, one step ahead on) with the paged
+    attention kernel on or off."""
+    return Plugin(setup, "1", name=f"vllm-metal-kernel-{kernel}", extra_env={"VLLM_METAL_ATTENTION_KERNEL": kernel})
 
 
 def long_prompts(hf_dir: Path, tokens: int, count: int, seed: int) -> list[str]:
@@ -114,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"machine": machine.describe(), "versions": machine.versions(),
                               "command": " ".join(sys.argv), "shape": args.shape, "servers": []}
     for system in args.systems:
-        server: Server = MlxLm(setup) if system == "mlx-lm" else Plugin(setup, "on" if system == "kernel" else "off")
+        server = MlxLm(setup) if system == "mlx-lm" else plugin(setup, "on" if system == "kernel" else "off")
         entry: dict[str, Any] = {"server": server.name, "levels": []}
         report["servers"].append(entry)
         try:
