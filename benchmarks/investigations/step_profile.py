@@ -88,7 +88,7 @@ def paged_loop(loaded, prompt: list[int], steps: int, num_blocks: int, block_siz
     def step(ids: list[int], start: int) -> tuple[float, float, float, int]:
         t0 = time.perf_counter()
         tables = store.physical_tables([table])  # as the runner: placed consecutively
-        store.step = build_step_metadata([len(ids)], [start], tables, block_size)
+        store.steps = [build_step_metadata([len(ids)], [start], tables, block_size)]
         tokens = mx.array(np.asarray(ids, dtype=np.int32))
         rows = None if len(ids) == 1 else mx.array([len(ids) - 1])  # as the runner: decode selects none
         t1 = time.perf_counter()
