@@ -12,9 +12,9 @@ output tok/s over the wall clock, mean TTFT, mean TPOT (``(latency - TTFT) / (to
 decode steps, with the other requests' prefill chunks that land between them), failures.
 Systems: ``kernel`` = ``vllm serve`` with ``VLLM_METAL_ATTENTION_KERNEL=on``, ``ops`` = the same
 with ``off``, ``mlx-lm`` = ``mlx_lm.server`` on the same weights. Each server first answers C
-short requests at once (first-use kernel compilation), untimed; a server that stops answering (a
-level ran it out of memory) is restarted before the next level, and the restart recorded. JSON
-(``--out``) after every level.
+short requests at once (first-use kernel compilation), untimed; a server is restarted before the
+next level after a level with failed requests (mlx_lm.server running out of device memory) or when
+it stops answering, and the restart recorded. JSON (``--out``) after every level.
 """
 
 from __future__ import annotations
@@ -104,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
             run_level(server, warm, 8, bias)
             for p in args.prompt_tokens:
                 for c in args.concurrency:
-                    if not serves(server, bias):  # a level that killed it must not void the next ones
+                    # A level that failed requests (e.g. ran the server out of memory) must not void the
+                    # next ones: restart after any failure, or when the server no longer answers.
+                    if (entry["levels"] and entry["levels"][-1]["failed"]) or not serves(server, bias):
                         entry.setdefault("restarts", []).append({"before": [p, c], "log_tail": server.log_tail()})
                         server.stop()
                         server.start(timeout=900)
