@@ -128,6 +128,50 @@ def test_packed_quantized_layers_give_each_row_its_own_product():
         assert mx.allclose(packed, rows, rtol=1e-5, atol=1e-5).item()
 
 
+def test_dequantized_products_match_quantized_ones():
+    """``dequantize_large_products``: from its row count on, a packed quantized layer's product is
+    the dense product with the dequantized weight, equal to the quantized kernel's up to rounding;
+    below it the quantized kernel runs, and rows=0 turns it off."""
+    import mlx.nn as nn
+
+    from vllm_metal.mlx_lm_models import dequantize_large_products, fold_quantized_rows
+
+    model = nn.Module()
+    model.proj = nn.Linear(256, 384, bias=True)
+    nn.quantize(model, group_size=64, bits=4)
+    fold_quantized_rows(model)
+    x = mx.random.normal((9, 1, 256), key=mx.random.key(1))
+    quantized = model.proj(x)
+    assert dequantize_large_products(model, 9) == 1
+    dense = model.proj(x)
+    assert dense.shape == quantized.shape
+    assert mx.allclose(dense, quantized, rtol=1e-4, atol=1e-4).item()
+    assert mx.allclose(model.proj.dense_product(x), quantized, rtol=1e-4, atol=1e-4).item()
+    assert mx.array_equal(model.proj(x[:8]), quantized[:8]).item()  # 8 rows: below the bound
+    dequantize_large_products(model, 0)
+    assert mx.array_equal(model.proj(x), quantized).item()
+
+
+def test_runner_with_dequantized_products_matches_mlx_lm(converted, models, monkeypatch):
+    """VLLM_METAL_DEQUANTIZE_ROWS=2: every batched step of two sequences (their prefill, each decode
+    step) runs the dense products; greedy tokens stay mlx-lm's."""
+    monkeypatch.setenv("VLLM_METAL_DEQUANTIZE_ROWS", "2")
+    path = converted[4, 64]
+    worker = _worker(path)
+    try:
+        from vllm_metal.mlx_lm_models import PackedQuantizedLinear
+
+        layers = [m for _, m in worker.model_runner.loaded.model.named_modules()
+                  if isinstance(m, PackedQuantizedLinear)]
+        assert len(layers) == 2 * 7 + 1 and {m.dequantize_rows for m in layers} == {2}
+        prompts = [p for p in prompt_ids(models.hf) if len(p) < 64][:2]
+        got = runner_greedy(worker, prompts, 8)
+    finally:
+        worker.shutdown()
+    for p, tokens in zip(prompts, got, strict=True):
+        assert tokens == mlx_greedy(path, p, 8)
+
+
 def test_bf16_checkpoint_at_bf16_matches_mlx_lm(tmp_path, tiny_hf, models):
     """mlx-community's form: non-quantized weights and scales in bf16, served in bf16 (what
     ``--dtype auto`` picks on a GPU; on MLX's CPU backend auto is float32, so it is given here):

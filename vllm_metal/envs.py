@@ -92,6 +92,19 @@ def _mebibytes(name: str, raw: str) -> int | str:
     return number
 
 
+def _rows(name: str, raw: str) -> int | str:
+    value = raw.strip().lower()
+    if value == "auto":
+        return "auto"
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise MetalConfigError(f"{name}={raw!r} is invalid; use 'auto' or a whole number of rows (0: never).")
+    return number
+
+
 def _path(name: str, raw: str) -> str | None:
     return os.path.expanduser(raw) if raw else None
 
@@ -150,6 +163,13 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "refused on the CPU. `off`: MLX ops everywhere. A model whose attention the kernel "
            "cannot take (head dims, many query heads per K/V head) uses MLX ops under `auto` and "
            "is refused under `on`."),
+    EnvVar("VLLM_METAL_DEQUANTIZE_ROWS", "auto", _rows,
+           "Quantized models: a linear layer's product over at least this many rows (the step's "
+           "tokens: prefill chunks, large decode batches) dequantizes that layer's weight and runs "
+           "a dense matmul instead of MLX's quantized kernel; `0`: never. `auto`: 256 where MLX "
+           "computes on CUDA (whose quantized kernels cost 5.5x the bf16 GEMM at 512 rows, "
+           "docs/benchmarks.md), never on Metal (MLX's quantized kernels are its most tuned path "
+           "there) and on the CPU. The dequantized copy is one layer's weight at a time."),
     EnvVar("VLLM_METAL_USE_MLX", "1", _bool,
            "Use MLX for compute. `0` is refused: MLX is the plugin's only compute path "
            "(use vLLM's own CPU backend with `VLLM_PLUGINS=` instead)."),
@@ -215,6 +235,7 @@ class MetalEnvs:
     memory_fraction: float | str
     attention_mb: int | str
     attention_kernel: str  # auto, on or off
+    dequantize_rows: int | str  # auto or rows (0: never)
     use_mlx: bool
     mlx_device: str
     cpu_blas: str
@@ -240,6 +261,7 @@ def load(environ: dict[str, str] | None = None) -> MetalEnvs:
         memory_fraction=parsed["VLLM_METAL_MEMORY_FRACTION"],
         attention_mb=parsed["VLLM_METAL_ATTENTION_MB"],
         attention_kernel=parsed["VLLM_METAL_ATTENTION_KERNEL"],
+        dequantize_rows=parsed["VLLM_METAL_DEQUANTIZE_ROWS"],
         use_mlx=parsed["VLLM_METAL_USE_MLX"],
         mlx_device=parsed["VLLM_MLX_DEVICE"],
         cpu_blas=parsed["VLLM_METAL_CPU_BLAS"],
