@@ -2,7 +2,7 @@
 
     python -m benchmarks.investigations.decode_sizes [--checkpoints llama-1b llama-8b llama-8b-q4]
         [--concurrency 1 8 32 64] [--one-step-ahead 1 0] [--mlx-lm-server 1 8] [--max-tokens 128]
-        [--tensor-parallel-size 1 2] [--dtype bfloat16] [--checkpoint-dir DIR] [--out results.json]
+        [--tensor-parallel-size 1 2] [--dequantize-rows auto] [--dtype bfloat16] [--checkpoint-dir DIR] [--out results.json]
 
 Checkpoints are built on the machine (random weights, the bundled SmolLM2 tokenizer, nothing
 downloaded): ``llama-1b`` and ``llama-8b`` as ``long_prompts`` builds them (HF safetensors, bf16),
@@ -147,6 +147,14 @@ class Plugin(Server):
                 **self.extra_env}
 
 
+def dequantized(rows: str, named: bool) -> dict[str, Any]:
+    """``Plugin`` keywords for VLLM_METAL_DEQUANTIZE_ROWS=rows (in the server's name when ``named``)."""
+    keywords: dict[str, Any] = {"extra_env": {"VLLM_METAL_DEQUANTIZE_ROWS": rows}}
+    if named:
+        keywords["name"] = f"vllm-metal-dq{rows}"
+    return keywords
+
+
 def sweep(server: Server, levels: list[int], max_tokens: int, bias: dict[str, float],
           warm_up: bool = True) -> list[dict[str, Any]]:
     """Each level: with ``warm_up``, first C short requests at once (MLX compiles kernels for a
@@ -187,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="also run mlx_lm.server at these concurrency levels")
     ap.add_argument("--tensor-parallel-size", nargs="+", type=int, default=[1], metavar="N",
                     help="serve the plugin on N ranks (each size in turn; --kv-cache-gib is per rank)")
+    ap.add_argument("--dequantize-rows", nargs="+", default=["auto"], metavar="ROWS",
+                    help="VLLM_METAL_DEQUANTIZE_ROWS of the plugin (each value in turn, e.g. 0 256)")
     ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                     help="the plugin's and mlx-lm's compute dtype (float32 on MLX's CPU backend)")
     ap.add_argument("--max-tokens", type=int, default=128)
@@ -219,8 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         setup = Setup(hf=path, mlx=path, gguf=None, device=args.device, max_model_len=2048,
                       max_num_seqs=max(args.concurrency), kv_cache_gib=args.kv_cache_gib, log_dir=args.out.parent / "logs")
         bias = eos_logit_bias(path)
-        servers: list[tuple[Server, list[int]]] = [(Plugin(setup, o, tp, args.dtype), args.concurrency)
-                                                   for tp in args.tensor_parallel_size for o in args.one_step_ahead]
+        servers: list[tuple[Server, list[int]]] = [
+            (Plugin(setup, o, tp, args.dtype, **dequantized(rows, len(args.dequantize_rows) > 1)), args.concurrency)
+            for tp in args.tensor_parallel_size for o in args.one_step_ahead for rows in args.dequantize_rows]
         if args.mlx_lm_server:
             servers.append((MlxLm(setup), args.mlx_lm_server))
         for server, levels in servers:
