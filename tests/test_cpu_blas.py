@@ -108,3 +108,27 @@ def test_system_library_is_found_by_absolute_path():
     assert all(p.is_absolute() and p.is_file() for p in found)
     assert {p.resolve() for p in _linker_cache("m")} <= set(found)
     assert system_libraries("vllm-metal-no-such-library") == []
+
+
+def test_blas_threads_follow_the_setting():
+    """VLLM_METAL_CPU_BLAS_THREADS as the loaded OpenBLAS reports it: a number holds for every step;
+    ``auto`` gives a step of one request every core it was given and a step of many one fewer."""
+    import ctypes
+
+    from vllm_metal.patches import mlx as mlx_patches
+
+    assert mlx_patches.CPU_BLAS, "the test process loaded no OpenBLAS (conftest registers the plugin first)"
+    threads = ctypes.CDLL(mlx_patches.CPU_BLAS).openblas_get_num_threads
+    before = threads()
+    try:
+        fixed = mlx_patches.CpuBlasThreads(1, 2)
+        for requests in (1, 64):
+            fixed.for_step(requests)
+            assert threads() == 1
+        auto = mlx_patches.CpuBlasThreads("auto", 2)
+        auto.for_step(1)
+        assert threads() == 2
+        auto.for_step(16)
+        assert threads() == 1
+    finally:
+        mlx_patches.set_cpu_blas_threads(before)

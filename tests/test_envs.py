@@ -34,6 +34,7 @@ INVALID = {
     "VLLM_METAL_ATTENTION_MB": ["0", "-5", "1.5", "lots", "", "64MB"],
     "VLLM_METAL_ATTENTION_KERNEL": ["cuda", "metal", "1", ""],
     "VLLM_METAL_DEQUANTIZE_ROWS": ["-1", "1.5", "never", ""],
+    "VLLM_METAL_CPU_BLAS_THREADS": ["0", "-2", "1.5", "all", ""],
     # a name, not a path; relative; missing; a file that is no library; a library without CBLAS
     "VLLM_METAL_CPU_BLAS": ["openblas", "", "lib/libopenblas.so", "/nonexistent/libopenblas.so",
                             __file__, _ctypes.__file__],
@@ -42,7 +43,7 @@ ACCEPTS_ANYTHING = {"VLLM_METAL_MODELSCOPE_CACHE", "VLLM_METAL_HOSTFILE"}  # pat
 
 DEFAULTS = envs.MetalEnvs(
     memory_fraction="auto", attention_mb="auto", attention_kernel="auto", dequantize_rows="auto", use_mlx=True,
-    mlx_device="auto", cpu_blas="auto", block_size=16,
+    mlx_device="auto", cpu_blas="auto", cpu_blas_threads="auto", block_size=16,
     use_paged_attention=True, debug=False, one_step_ahead="auto", distributed_backend="auto", hostfile=None,
     use_modelscope=False, modelscope_cache=None,
     prefix_cache=False, prefix_cache_fraction=0.05, prefix_cache_set=False,
@@ -113,6 +114,8 @@ def test_valid_spellings():
     assert load(environ={"VLLM_METAL_DEQUANTIZE_ROWS": " AUTO "}).dequantize_rows == "auto"
     assert load(environ={"VLLM_METAL_DEQUANTIZE_ROWS": "0"}).dequantize_rows == 0
     assert load(environ={"VLLM_METAL_DEQUANTIZE_ROWS": "256"}).dequantize_rows == 256
+    assert load(environ={"VLLM_METAL_CPU_BLAS_THREADS": "Auto"}).cpu_blas_threads == "auto"
+    assert load(environ={"VLLM_METAL_CPU_BLAS_THREADS": "1"}).cpu_blas_threads == 1
     openblas = openblas_candidates()
     assert openblas, "no OpenBLAS found (opencv-python-headless, a vLLM dependency, bundles one)"
     assert load(environ={"VLLM_METAL_CPU_BLAS": openblas[0]}).cpu_blas == openblas[0]

@@ -105,6 +105,19 @@ def _rows(name: str, raw: str) -> int | str:
     return number
 
 
+def _threads(name: str, raw: str) -> int | str:
+    value = raw.strip().lower()
+    if value == "auto":
+        return "auto"
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise MetalConfigError(f"{name}={raw!r} is invalid; use 'auto' or a whole number of threads (1 or more).")
+    return number
+
+
 def _path(name: str, raw: str) -> str | None:
     return os.path.expanduser(raw) if raw else None
 
@@ -184,6 +197,13 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "opencv-python-headless (a vLLM dependency) bundles. `mlx`: keep MLX's own. A path: "
            "that CBLAS library (OpenBLAS, MKL, BLIS). Takes effect only in processes where the "
            "plugin loads before anything imports MLX (every `vllm serve` process)."),
+    EnvVar("VLLM_METAL_CPU_BLAS_THREADS", "auto", _threads,
+           "MLX's CPU backend with the CBLAS `VLLM_METAL_CPU_BLAS` loaded: threads of its matmuls. "
+           "`auto`: every core (this rank's share under tensor parallelism) for a step of fewer "
+           "than 8 requests, one core fewer from 8 on, so the API server and the engine keep a "
+           "core while many streams are served (on a 2-core machine 16 clients served 2x more "
+           "with one BLAS thread than with two, one client 1.4x less; docs/benchmarks.md). A "
+           "number: that many threads for every step. `OPENBLAS_NUM_THREADS` only sizes the pool."),
     EnvVar("VLLM_METAL_BLOCK_SIZE", "16", _block_size,
            "Tokens per KV cache block (8, 16, 32, 64 or 128). `--block-size` wins when given."),
     EnvVar("VLLM_METAL_USE_PAGED_ATTENTION", "1", _bool,
@@ -239,6 +259,7 @@ class MetalEnvs:
     use_mlx: bool
     mlx_device: str
     cpu_blas: str
+    cpu_blas_threads: int | str  # auto or threads
     block_size: int
     use_paged_attention: bool
     debug: bool
@@ -265,6 +286,7 @@ def load(environ: dict[str, str] | None = None) -> MetalEnvs:
         use_mlx=parsed["VLLM_METAL_USE_MLX"],
         mlx_device=parsed["VLLM_MLX_DEVICE"],
         cpu_blas=parsed["VLLM_METAL_CPU_BLAS"],
+        cpu_blas_threads=parsed["VLLM_METAL_CPU_BLAS_THREADS"],
         block_size=parsed["VLLM_METAL_BLOCK_SIZE"],
         use_paged_attention=parsed["VLLM_METAL_USE_PAGED_ATTENTION"],
         debug=parsed["VLLM_METAL_DEBUG"],

@@ -39,6 +39,7 @@ class MetalWorker(WorkerBase):
         super().__init__(vllm_config, local_rank, rank, distributed_init_method, is_driver_worker)
         self.envs = envs.load()
         self.model_runner: MetalModelRunner | None = None
+        self.blas_threads: patches.mlx.CpuBlasThreads | None = None  # MLX's CPU backend with a CBLAS loaded
         self.activation_bytes = 0
         self.group: mx.distributed.Group | None = None  # --tensor-parallel-size > 1: the ranks' MLX group
         parallel = vllm_config.parallel_config
@@ -61,6 +62,10 @@ class MetalWorker(WorkerBase):
             logger.info("vllm-metal: MLX's CPU matmuls use %s (VLLM_METAL_CPU_BLAS=%s)",
                         patches.mlx.CPU_BLAS or "the BLAS MLX's wheel links", self.envs.cpu_blas)
         self.model_runner = MetalModelRunner(self.vllm_config, self.envs, self.group)
+        if not on_gpu() and patches.mlx.CPU_BLAS is not None:
+            self.blas_threads = patches.mlx.CpuBlasThreads(
+                self.envs.cpu_blas_threads, (os.cpu_count() or 1) // self.ranks_per_device)
+            self.blas_threads.for_step(1)
 
     def _join_ranks(self) -> None:
         """vLLM's process groups (its control plane across machines: scheduler output and results
@@ -73,9 +78,6 @@ class MetalWorker(WorkerBase):
                                      self.local_rank, "gloo")
         ensure_model_parallel_initialized(parallel.tensor_parallel_size, parallel.pipeline_parallel_size)
         self.group = distributed.join(self.plan, self.rank, self.local_rank)
-        if not on_gpu():
-            threads = max(1, (os.cpu_count() or 1) // self.ranks_per_device)
-            patches.mlx.set_cpu_blas_threads(threads)
         logger.info("vllm-metal: rank %d of %d joined MLX's %s group", self.rank, parallel.world_size,
                     self.plan.backend)
 
@@ -277,6 +279,8 @@ class MetalWorker(WorkerBase):
         return ("generate",) if pooling is None else pooling.supported_tasks()
 
     def execute_model(self, scheduler_output):
+        if self.blas_threads is not None:
+            self.blas_threads.for_step(len(scheduler_output.num_scheduled_tokens))
         with self._ranks_in_step():
             return self.model_runner.execute_model(scheduler_output)
 

@@ -31,7 +31,7 @@ phase              called from                                    installs
 
 Three more are not installed but called: ``vllm.import_cpu_kernels`` (``MetalPlatform.import_kernels``),
 ``mlx_lm.config_overrides`` (the keys ``prepare_mlx_lm`` passes to mlx-lm) and
-``mlx.set_cpu_blas_threads`` (tensor-parallel ranks sharing one machine's cores).
+``mlx.CpuBlasThreads`` (the BLAS threads of each step on MLX's CPU backend).
 """
 
 from __future__ import annotations

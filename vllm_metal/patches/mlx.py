@@ -95,8 +95,7 @@ def system_libraries(name: str) -> list[str]:
 
 def set_cpu_blas_threads(threads: int) -> bool:
     """Cap the threads of the CBLAS ``load_cpu_blas`` loaded (OpenBLAS or BLIS); False when there
-    is none or it has no such call. Tensor-parallel ranks on one machine share its cores, and
-    each BLAS sizes its pool for all of them.
+    is none or it has no such call.
 
     Delete when: ``load_cpu_blas`` is deleted."""
     if CPU_BLAS is None:
@@ -108,3 +107,34 @@ def set_cpu_blas_threads(threads: int) -> bool:
             setter(ctypes.c_int(threads))
             return True
     return False
+
+
+class CpuBlasThreads:
+    """The threads the CBLAS behind MLX's CPU matmuls may use, set before each step.
+
+    ``VLLM_METAL_CPU_BLAS_THREADS``: a number fixes it. ``auto``: all of ``cores`` (this rank's
+    share of the machine) for a step of fewer than ``BUSY_FROM`` requests, one core fewer from
+    there on. With many streams the API server (detokenizing, one SSE stream per client) and the
+    engine's own threads need a core as well, and a BLAS call whose worker threads lose their core
+    to them waits for those threads: on a 2-core machine, 16 clients served 18.7 tok/s with two
+    BLAS threads and 36.5 with one, while one client served 13.1 with two and 9.3 with one
+    (docs/benchmarks.md).
+
+    Delete when: ``load_cpu_blas`` is deleted."""
+
+    BUSY_FROM = 8
+
+    def __init__(self, setting: int | str, cores: int):
+        self.setting = setting
+        self.cores = max(1, cores)
+        self.current: int | None = None
+
+    def threads_for(self, requests: int) -> int:
+        if self.setting != "auto":
+            return int(self.setting)
+        return self.cores if requests < self.BUSY_FROM else max(1, self.cores - 1)
+
+    def for_step(self, requests: int) -> None:
+        threads = self.threads_for(requests)
+        if threads != self.current and set_cpu_blas_threads(threads):
+            self.current = threads
