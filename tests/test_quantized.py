@@ -61,6 +61,19 @@ def _step(worker, scheduled: dict[str, int], new=(), cached=None, finished=()):
     return dict(zip(out.req_ids, out.sampled_token_ids, strict=True))
 
 
+def assert_greedy_is_mlx_lms(worker, path: Path, models, check) -> None:
+    """``check(worker.model_runner)``, then two short prompts' 8 greedy tokens from the runner (batched)
+    equal ``mlx_lm``'s on ``path``; the worker is shut down either way."""
+    try:
+        check(worker.model_runner)
+        prompts = [p for p in prompt_ids(models.hf) if len(p) < 64][:2]
+        got = runner_greedy(worker, prompts, 8)
+    finally:
+        worker.shutdown()
+    for p, tokens in zip(prompts, got, strict=True):
+        assert tokens == mlx_greedy(path, p, 8)
+
+
 def runner_greedy(worker, prompts: list[list[int]], n: int) -> list[list[int]]:
     """Greedy continuations of ``prompts``, batched: one prefill step for all, then decode steps."""
     from vllm.sampling_params import SamplingParams
@@ -92,17 +105,13 @@ def test_runner_matches_mlx_lm(converted, models, bits, group):
     path = converted[bits, group]
     written = json.loads((path / "config.json").read_text())["quantization"]
     assert (written["bits"], written["group_size"]) == (bits, group)
-    worker = _worker(path)
-    try:
-        model = worker.model_runner.loaded.model
-        packed = [m for _, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
+
+    def packed_as_written(runner) -> None:
+        packed = [m for _, m in runner.loaded.model.named_modules()
+                  if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
         assert len(packed) == 2 * 7 + 2 and {(m.bits, m.group_size) for m in packed} == {(bits, group)}
-        prompts = [p for p in prompt_ids(models.hf) if len(p) < 64][:2]
-        got = runner_greedy(worker, prompts, 8)
-    finally:
-        worker.shutdown()
-    for p, tokens in zip(prompts, got, strict=True):
-        assert tokens == mlx_greedy(path, p, 8)
+
+    assert_greedy_is_mlx_lms(_worker(path), path, models, packed_as_written)
 
 
 def test_packed_quantized_layers_give_each_row_its_own_product():
@@ -157,19 +166,14 @@ def test_runner_with_dequantized_products_matches_mlx_lm(converted, models, monk
     step) runs the dense products; greedy tokens stay mlx-lm's."""
     monkeypatch.setenv("VLLM_METAL_DEQUANTIZE_ROWS", "2")
     path = converted[4, 64]
-    worker = _worker(path)
-    try:
+
+    def dense_from_two_rows(runner) -> None:
         from vllm_metal.mlx_lm_models import PackedQuantizedLinear
 
-        layers = [m for _, m in worker.model_runner.loaded.model.named_modules()
-                  if isinstance(m, PackedQuantizedLinear)]
+        layers = [m for _, m in runner.loaded.model.named_modules() if isinstance(m, PackedQuantizedLinear)]
         assert len(layers) == 2 * 7 + 1 and {m.dequantize_rows for m in layers} == {2}
-        prompts = [p for p in prompt_ids(models.hf) if len(p) < 64][:2]
-        got = runner_greedy(worker, prompts, 8)
-    finally:
-        worker.shutdown()
-    for p, tokens in zip(prompts, got, strict=True):
-        assert tokens == mlx_greedy(path, p, 8)
+
+    assert_greedy_is_mlx_lms(_worker(path), path, models, dense_from_two_rows)
 
 
 def test_bf16_checkpoint_at_bf16_matches_mlx_lm(tmp_path, tiny_hf, models):
@@ -180,15 +184,11 @@ def test_bf16_checkpoint_at_bf16_matches_mlx_lm(tmp_path, tiny_hf, models):
 
     path = tmp_path / "q4-g64-bf16"
     convert(str(tiny_hf), str(path), quantize=True, q_bits=4, q_group_size=64, dtype="bfloat16")
-    worker = _worker(path, dtype="bfloat16")
-    try:
-        assert worker.model_runner.loaded.dtype == mx.bfloat16
-        prompts = [p for p in prompt_ids(models.hf) if len(p) < 64][:2]
-        got = runner_greedy(worker, prompts, 8)
-    finally:
-        worker.shutdown()
-    for p, tokens in zip(prompts, got, strict=True):
-        assert tokens == mlx_greedy(path, p, 8)
+
+    def computes_in_bf16(runner) -> None:
+        assert runner.loaded.dtype == mx.bfloat16
+
+    assert_greedy_is_mlx_lms(_worker(path, dtype="bfloat16"), path, models, computes_in_bf16)
 
 
 @pytest.fixture(scope="module")

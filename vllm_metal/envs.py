@@ -79,43 +79,26 @@ def _block_size(name: str, raw: str) -> int:
     return value
 
 
-def _mebibytes(name: str, raw: str) -> int | str:
-    value = raw.strip().lower()
-    if value == "auto":
-        return "auto"
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise MetalConfigError(f"{name}={raw!r} is invalid; use 'auto' or a whole number of MiB (1 or more).")
-    return number
+def _auto_or_count(least: int, unit: str) -> Callable[[str, str], int | str]:
+    """``auto``, or a whole number of ``unit`` of at least ``least``."""
+    def parse(name: str, raw: str) -> int | str:
+        value = raw.strip().lower()
+        if value == "auto":
+            return "auto"
+        try:
+            number = int(value)
+        except ValueError:
+            number = least - 1
+        if number < least:
+            raise MetalConfigError(f"{name}={raw!r} is invalid; use 'auto' or a whole number of {unit}.")
+        return number
+
+    return parse
 
 
-def _rows(name: str, raw: str) -> int | str:
-    value = raw.strip().lower()
-    if value == "auto":
-        return "auto"
-    try:
-        number = int(value)
-    except ValueError:
-        number = -1
-    if number < 0:
-        raise MetalConfigError(f"{name}={raw!r} is invalid; use 'auto' or a whole number of rows (0: never).")
-    return number
-
-
-def _threads(name: str, raw: str) -> int | str:
-    value = raw.strip().lower()
-    if value == "auto":
-        return "auto"
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise MetalConfigError(f"{name}={raw!r} is invalid; use 'auto' or a whole number of threads (1 or more).")
-    return number
+_mebibytes = _auto_or_count(1, "MiB (1 or more)")
+_rows = _auto_or_count(0, "rows (0: never)")
+_threads = _auto_or_count(1, "threads (1 or more)")
 
 
 def _path(name: str, raw: str) -> str | None:

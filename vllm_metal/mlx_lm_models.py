@@ -385,6 +385,9 @@ def fold_quantized_rows(model: nn.Module) -> int:
     return changed
 
 
+CUDA_DEQUANTIZE_ROWS = 256  # VLLM_METAL_DEQUANTIZE_ROWS=auto on CUDA (crossover with the 4-bit kernel: 128-192 rows)
+
+
 def dequantize_large_products(model: nn.Module, rows: int) -> int:
     """Let every packed quantized linear layer of ``model`` dequantize its weight for products of
     at least ``rows`` rows (0: never; ``PackedQuantizedLinear``); returns how many layers."""

@@ -52,7 +52,7 @@ from vllm_metal.kv_backend import KVBackend, StepBatch
 from vllm_metal.loader import LoadedModel, load, resolve_model_dir
 from vllm_metal.lora import LoRAs
 from vllm_metal.mlx_cache import MlxManagedBackend
-from vllm_metal.mlx_lm_models import UnsupportedModelError, dequantize_large_products
+from vllm_metal.mlx_lm_models import CUDA_DEQUANTIZE_ROWS, UnsupportedModelError, dequantize_large_products
 from vllm_metal.paged import PagedBackend
 from vllm_metal.pooling import Pooling
 from vllm_metal.sampling import RowParams, host_reason, sample
@@ -214,8 +214,9 @@ class MetalModelRunner:
         if self.pooling is not None:
             self.loaded.without_head()
         rows = self.envs.dequantize_rows
-        dequantize_large_products(self.loaded.model, (256 if gpu_backend() == "cuda" and on_gpu() else 0)
-                                  if rows == "auto" else rows)
+        if rows == "auto":
+            rows = CUDA_DEQUANTIZE_ROWS if gpu_backend() == "cuda" and on_gpu() else 0
+        dequantize_large_products(self.loaded.model, rows)
         if (lora := self.vllm_config.lora_config) is not None:
             self.loras = LoRAs(self.loaded.model, self.loaded.dtype, lora.max_lora_rank)
         self.speculation = speculation_for(self.vllm_config)
