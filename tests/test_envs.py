@@ -29,6 +29,7 @@ INVALID = {
     "VLLM_USE_MODELSCOPE": ["maybe", "2"],
     "VLLM_METAL_PREFIX_CACHE": ["maybe", "2", "auto"],
     "VLLM_METAL_ONE_STEP_AHEAD": ["maybe", "2", "yes", ""],
+    "VLLM_METAL_KV_IN_PLACE": ["copy", "2"],
     "VLLM_METAL_DISTRIBUTED_BACKEND": ["mpi", "tcp", ""],
     "VLLM_METAL_PREFIX_CACHE_FRACTION": ["0", "1.5", "x", "auto", "", "-1"],
     "VLLM_METAL_ATTENTION_MB": ["0", "-5", "1.5", "lots", "", "64MB"],
@@ -44,7 +45,7 @@ ACCEPTS_ANYTHING = {"VLLM_METAL_MODELSCOPE_CACHE", "VLLM_METAL_HOSTFILE"}  # pat
 DEFAULTS = envs.MetalEnvs(
     memory_fraction="auto", attention_mb="auto", attention_kernel="auto", dequantize_rows="auto", use_mlx=True,
     mlx_device="auto", cpu_blas="auto", cpu_blas_threads="auto", block_size=16,
-    use_paged_attention=True, debug=False, one_step_ahead="auto", distributed_backend="auto", hostfile=None,
+    use_paged_attention=True, debug=False, one_step_ahead="auto", kv_in_place=True, distributed_backend="auto", hostfile=None,
     use_modelscope=False, modelscope_cache=None,
     prefix_cache=False, prefix_cache_fraction=0.05, prefix_cache_set=False,
 )

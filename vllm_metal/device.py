@@ -110,24 +110,34 @@ def device_memory_bytes() -> int:
 
 class EvalTimer:
     """Evaluates a step's arrays: ``mx.eval``, or with ``wait`` off only ``mx.async_eval`` (the
-    runner's one-step-ahead mode: whoever reads the arrays waits). When ``split`` is on
-    (VLLM_METAL_DEBUG), timed in two parts: ``launch_s`` (``mx.async_eval``: the host encodes and
-    submits the kernels) and ``wait_s`` (until the device is done; 0 without ``wait``). A single
-    stream on a fast GPU is host-bound, and this says by how much."""
+    runner's one-step-ahead mode: whoever reads the arrays waits). With ``wait`` off and
+    ``in_place`` on (VLLM_METAL_KV_IN_PLACE), it first waits for the device to finish what it was
+    given before, the previous step: MLX writes into an array in place only when nothing else holds
+    its buffer, and a step still running holds every array it reads, so launching the next step's
+    K/V writes while the previous step runs would copy each layer's whole pool. The host still
+    builds the step's graph while the device works; what waiting gives up is encoding it then.
+    When ``split`` is on (VLLM_METAL_DEBUG), timed in two parts: ``launch_s`` (``mx.async_eval``:
+    the host encodes and submits the kernels) and ``wait_s`` (for the device: until this step is
+    done, or with ``wait`` off until the previous one is). A single stream on a fast GPU is
+    host-bound, and this says by how much."""
 
-    def __init__(self, split: bool = False, wait: bool = True):
+    def __init__(self, split: bool = False, wait: bool = True, in_place: bool = True):
         self.split = split
         self.wait = wait
+        self.in_place = in_place
         self.launch_s = 0.0
         self.wait_s = 0.0
 
     def __call__(self, *arrays) -> None:
+        t0 = time.perf_counter()
+        if not self.wait and self.in_place:
+            mx.synchronize()
         if not self.split:
             (mx.eval if self.wait else mx.async_eval)(*arrays)
             return
-        t0 = time.perf_counter()
-        mx.async_eval(*arrays)
         t1 = time.perf_counter()
+        mx.async_eval(*arrays)
+        t2 = time.perf_counter()
         if self.wait:
             mx.eval(*arrays)
-        self.launch_s, self.wait_s = t1 - t0, (time.perf_counter() - t1) if self.wait else 0.0
+        self.launch_s, self.wait_s = t2 - t1, (time.perf_counter() - t2) if self.wait else t1 - t0

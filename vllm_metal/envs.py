@@ -208,6 +208,11 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "vLLM's async scheduling, its default). Other steps (penalties, seeds, "
            "logprobs, structured output...) are sampled by vLLM's Sampler on the host, after the "
            "device is done. `0`: every step is sampled on the host, synchronously."),
+    EnvVar("VLLM_METAL_KV_IN_PLACE", "1", _bool,
+           "One step ahead: `1` (default) launches a step only once the device has finished the "
+           "previous one, so the step's K/V (and recurrent state) writes update the cache in place. "
+           "`0` launches at once: MLX copies an array that a running step still reads, so each "
+           "step copies every layer's whole K/V pool (for comparison only; docs/benchmarks.md)."),
     EnvVar("VLLM_METAL_DISTRIBUTED_BACKEND", "auto", _choice("auto", "ring", "nccl", "jaccl"),
            "MLX backend joining the ranks of `--tensor-parallel-size N`: `ring` (MLX's TCP ring: "
            "loopback on one machine, Ethernet or Thunderbolt between Macs), `nccl` (NVIDIA GPUs, "
@@ -247,6 +252,7 @@ class MetalEnvs:
     use_paged_attention: bool
     debug: bool
     one_step_ahead: str  # auto, 1 or 0
+    kv_in_place: bool
     distributed_backend: str  # auto, ring, nccl or jaccl
     hostfile: str | None
     use_modelscope: bool
@@ -274,6 +280,7 @@ def load(environ: dict[str, str] | None = None) -> MetalEnvs:
         use_paged_attention=parsed["VLLM_METAL_USE_PAGED_ATTENTION"],
         debug=parsed["VLLM_METAL_DEBUG"],
         one_step_ahead=parsed["VLLM_METAL_ONE_STEP_AHEAD"],
+        kv_in_place=parsed["VLLM_METAL_KV_IN_PLACE"],
         distributed_backend=parsed["VLLM_METAL_DISTRIBUTED_BACKEND"],
         hostfile=parsed["VLLM_METAL_HOSTFILE"],
         use_modelscope=parsed["VLLM_USE_MODELSCOPE"],

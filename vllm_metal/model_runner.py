@@ -150,7 +150,8 @@ class MetalModelRunner:
         self.scheduler_config = vllm_config.scheduler_config
         self.envs = metal_envs or envs.load()
         self.debug = self.envs.debug
-        self.evaluate = EvalTimer(split=self.debug)  # the step's mx.eval (timed in parts when debugging)
+        # the step's mx.eval (timed in parts when debugging)
+        self.evaluate = EvalTimer(split=self.debug, in_place=self.envs.kv_in_place)
         self.device = torch.device("cpu")
         self.block_size = self.cache_config.block_size
         self.max_model_len = self.model_config.max_model_len
