@@ -198,7 +198,8 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "Debug logs: one JSON record per step after `vllm-metal step: ` (`StepRecord` in "
            "`model_runner.py`): batch shape, KV and peak MLX memory, and the step's host time split "
            "where the engine calls the runner (`forward_ms`: execute_model, with its `launch_ms` "
-           "(kernels encoded and submitted) and `wait_ms` (for the device) parts; `between_ms`; "
+           "(kernels encoded and submitted) and `wait_ms` (for the device: this step, or with one "
+           "step ahead the previous one) parts; `between_ms`; "
            "`sample_ms`; `outside_ms`: the engine's own work between steps)."),
     EnvVar("VLLM_METAL_ONE_STEP_AHEAD", "auto", _choice("auto", "1", "0"),
            "`auto`: on where MLX computes on a GPU, off on MLX's CPU backend (there the host and "

@@ -86,7 +86,8 @@ class StepRecord:
     """One step's shape, host timings (ms) and memory. VLLM_METAL_DEBUG logs each as one JSON
     object after ``STEP_LOG_PREFIX`` (``from_log`` reads it back). The timings split the step where the engine calls us:
     ``forward_ms`` (execute_model; of it ``launch_ms`` encodes and submits the kernels and
-    ``wait_ms`` waits for the device; the rest is state, metadata and recording the graph),
+    ``wait_ms`` waits for the device: for this step, or with one step ahead for the previous one
+    (VLLM_METAL_KV_IN_PLACE); the rest is state, metadata and recording the graph),
     ``between_ms`` (until sample_tokens is called), ``sample_ms``, and ``outside_ms`` (from the
     previous step's sample to this execute_model: the engine's scheduling and output handling)."""
 
