@@ -35,6 +35,7 @@ INVALID = {
     "VLLM_METAL_ATTENTION_MB": ["0", "-5", "1.5", "lots", "", "64MB"],
     "VLLM_METAL_ATTENTION_KERNEL": ["cuda", "metal", "1", ""],
     "VLLM_METAL_DEQUANTIZE_ROWS": ["-1", "1.5", "never", ""],
+    "VLLM_METAL_QUANTIZED_KERNEL": ["cuda", "1", ""],
     "VLLM_METAL_CPU_BLAS_THREADS": ["0", "-2", "1.5", "all", ""],
     # a name, not a path; relative; missing; a file that is no library; a library without CBLAS
     "VLLM_METAL_CPU_BLAS": ["openblas", "", "lib/libopenblas.so", "/nonexistent/libopenblas.so",
@@ -43,7 +44,8 @@ INVALID = {
 ACCEPTS_ANYTHING = {"VLLM_METAL_MODELSCOPE_CACHE", "VLLM_METAL_HOSTFILE"}  # paths; empty means unset
 
 DEFAULTS = envs.MetalEnvs(
-    memory_fraction="auto", attention_mb="auto", attention_kernel="auto", dequantize_rows="auto", use_mlx=True,
+    memory_fraction="auto", attention_mb="auto", attention_kernel="auto", dequantize_rows="auto", quantized_kernel="auto",
+    use_mlx=True,
     mlx_device="auto", cpu_blas="auto", cpu_blas_threads="auto", block_size=16,
     use_paged_attention=True, debug=False, one_step_ahead="auto", kv_in_place=True, distributed_backend="auto", hostfile=None,
     use_modelscope=False, modelscope_cache=None,

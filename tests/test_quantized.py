@@ -176,19 +176,45 @@ def test_runner_with_dequantized_products_matches_mlx_lm(converted, models, monk
     assert_greedy_is_mlx_lms(_worker(path), path, models, dense_from_two_rows)
 
 
-def test_bf16_checkpoint_at_bf16_matches_mlx_lm(tmp_path, tiny_hf, models):
-    """mlx-community's form: non-quantized weights and scales in bf16, served in bf16 (what
-    ``--dtype auto`` picks on a GPU; on MLX's CPU backend auto is float32, so it is given here):
-    the plugin keeps the checkpoint's scales as they are and runs mlx-lm's arithmetic."""
+@pytest.fixture(scope="module")
+def bf16_q4(tmp_path_factory, tiny_hf) -> Path:
+    """mlx-community's form: 4 bits, group 64, non-quantized weights and scales in bf16."""
     from mlx_lm import convert
 
-    path = tmp_path / "q4-g64-bf16"
+    path = tmp_path_factory.mktemp("tiny-llama-bf16") / "q4-g64-bf16"
     convert(str(tiny_hf), str(path), quantize=True, q_bits=4, q_group_size=64, dtype="bfloat16")
+    return path
+
+
+def test_bf16_checkpoint_at_bf16_matches_mlx_lm(bf16_q4, models):
+    """mlx-community's form served in bf16 (what ``--dtype auto`` picks on a GPU; on MLX's CPU
+    backend auto is float32, so it is given here): the plugin keeps the checkpoint's scales as
+    they are and runs mlx-lm's arithmetic (on CUDA: the 4-bit products in ``quant_kernel``)."""
 
     def computes_in_bf16(runner) -> None:
         assert runner.loaded.dtype == mx.bfloat16
 
-    assert_greedy_is_mlx_lms(_worker(path, dtype="bfloat16"), path, models, computes_in_bf16)
+    assert_greedy_is_mlx_lms(_worker(bf16_q4, dtype="bfloat16"), bf16_q4, models, computes_in_bf16)
+
+
+def test_quantized_kernel_on_cuda_or_refused(bf16_q4, models, monkeypatch):
+    """VLLM_METAL_QUANTIZED_KERNEL=on: on MLX's CUDA GPU, greedy tokens with every 4-bit product in
+    the kernel (the 2 x 7 layers and the LM head) stay mlx-lm's; elsewhere startup is refused,
+    naming the variable and what to set instead."""
+    from vllm_metal.device import gpu_backend, on_gpu
+    from vllm_metal.mlx_lm_models import UnsupportedModelError
+
+    monkeypatch.setenv("VLLM_METAL_QUANTIZED_KERNEL", "on")
+    if not (gpu_backend() == "cuda" and on_gpu()):
+        with pytest.raises(UnsupportedModelError, match="VLLM_METAL_QUANTIZED_KERNEL=on needs MLX on an NVIDIA"):
+            _worker(bf16_q4, dtype="bfloat16")
+        return
+
+    def every_layer_in_the_kernel(runner) -> None:
+        layers = [m for _, m in runner.loaded.model.named_modules() if getattr(m, "kernel", False)]
+        assert len(layers) == 2 * 7 + 1
+
+    assert_greedy_is_mlx_lms(_worker(bf16_q4, dtype="bfloat16"), bf16_q4, models, every_layer_in_the_kernel)
 
 
 @pytest.fixture(scope="module")

@@ -166,6 +166,13 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "computes on CUDA (whose quantized kernels cost 5.5x the bf16 GEMM at 512 rows, "
            "docs/benchmarks.md), never on Metal (MLX's quantized kernels are its most tuned path "
            "there) and on the CPU. The dequantized copy is one layer's weight at a time."),
+    EnvVar("VLLM_METAL_QUANTIZED_KERNEL", "auto", _choice("auto", "on", "off"),
+           "Quantized models, products below `VLLM_METAL_DEQUANTIZE_ROWS` rows: 4-bit affine "
+           "layers (group size 64 or 128, bf16/fp16 activations) multiply in a tensor-core CUDA "
+           "kernel that reads each weight word once (`vllm_metal/quant_kernel.py`) instead of MLX's "
+           "`quantized_matmul`. `auto`: where MLX computes on CUDA; `on`: the same, refused "
+           "elsewhere (there is no Metal or CPU version); `off`: MLX's op everywhere. Other "
+           "layers (2/3/5/6/8 bits, group size 32, fp32 activations) always use MLX's op."),
     EnvVar("VLLM_METAL_USE_MLX", "1", _bool,
            "Use MLX for compute. `0` is refused: MLX is the plugin's only compute path "
            "(use vLLM's own CPU backend with `VLLM_PLUGINS=` instead)."),
@@ -245,6 +252,7 @@ class MetalEnvs:
     attention_mb: int | str
     attention_kernel: str  # auto, on or off
     dequantize_rows: int | str  # auto or rows (0: never)
+    quantized_kernel: str  # auto, on or off
     use_mlx: bool
     mlx_device: str
     cpu_blas: str
@@ -273,6 +281,7 @@ def load(environ: dict[str, str] | None = None) -> MetalEnvs:
         attention_mb=parsed["VLLM_METAL_ATTENTION_MB"],
         attention_kernel=parsed["VLLM_METAL_ATTENTION_KERNEL"],
         dequantize_rows=parsed["VLLM_METAL_DEQUANTIZE_ROWS"],
+        quantized_kernel=parsed["VLLM_METAL_QUANTIZED_KERNEL"],
         use_mlx=parsed["VLLM_METAL_USE_MLX"],
         mlx_device=parsed["VLLM_MLX_DEVICE"],
         cpu_blas=parsed["VLLM_METAL_CPU_BLAS"],

@@ -23,6 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.nn.layers.distributed import QuantizedAllToShardedLinear, QuantizedShardedToAllLinear
 
+from vllm_metal import quant_kernel
 from vllm_metal.attention import LayerSpec, PagedLayerCache
 from vllm_metal.models import adapter_for
 from vllm_metal.recurrent import RECURRENT_MODULES, StateArray, adapt_recurrent, probe_state, recurrent_module
@@ -327,14 +328,19 @@ class PackedQuantizedLinear(nn.QuantizedLinear):
     From ``dequantize_rows`` rows on (0: never; ``dequantize_large_products`` sets it), the
     weight is dequantized to the activations' dtype and multiplied as a dense matrix: MLX CUDA's
     quantized kernels cost 5.5x the bf16 GEMM at 512 rows (prefill chunks), and the dequantized
-    copy is one layer's, freed after its product.
+    copy is one layer's, freed after its product. Below that, with ``kernel`` set
+    (``use_quantized_kernel``), bf16/fp16 products run ``quant_kernel.q4_matmul`` (CUDA).
     """
 
     dequantize_rows = 0
+    kernel = False
 
     def __call__(self, x: mx.array) -> mx.array:
         if self.dequantize_rows and x.size // x.shape[-1] >= self.dequantize_rows:
             return self.dense_product(x)
+        if self.kernel and quant_kernel.takes(x):
+            y = quant_kernel.q4_matmul(x, self["weight"], self["scales"], self["biases"], self.group_size)
+            return y + self["bias"] if "bias" in self else y
         return _rows_as_one_matrix(x, super().__call__)
 
     def dense_product(self, x: mx.array) -> mx.array:
@@ -347,9 +353,13 @@ class PackedQuantizedLinear(nn.QuantizedLinear):
 
 class PackedQuantizedEmbedding(nn.QuantizedEmbedding):
     """A ``QuantizedEmbedding`` whose tied-head product (``as_linear``) takes a packed step's rows
-    as one matrix (see ``PackedQuantizedLinear``)."""
+    as one matrix, or runs ``quant_kernel.q4_matmul`` with ``kernel`` set (see ``PackedQuantizedLinear``)."""
+
+    kernel = False
 
     def as_linear(self, x: mx.array) -> mx.array:
+        if self.kernel and quant_kernel.takes(x):
+            return quant_kernel.q4_matmul(x, self["weight"], self["scales"], self["biases"], self.group_size)
         return _rows_as_one_matrix(x, super().as_linear)
 
 
@@ -395,6 +405,21 @@ def dequantize_large_products(model: nn.Module, rows: int) -> int:
     for layer in layers:
         layer.dequantize_rows = rows
     return len(layers)
+
+
+def use_quantized_kernel(model: nn.Module) -> int:
+    """Let every packed quantized layer of ``model`` whose weight ``quant_kernel`` takes run its
+    products there (``PackedQuantizedLinear``); returns how many layers."""
+    taken = 0
+    for _, m in model.named_modules():
+        if isinstance(m, (PackedQuantizedLinear, PackedQuantizedEmbedding)):
+            try:
+                quant_kernel.check(m["weight"].shape, m.group_size, m.bits, getattr(m, "mode", "affine"))
+            except quant_kernel.QuantizedKernelUnsupported:
+                continue
+            m.kernel = True
+            taken += 1
+    return taken
 
 
 def _final_norm_owner(model: nn.Module) -> tuple[nn.Module, str] | None:

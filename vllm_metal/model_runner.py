@@ -52,7 +52,12 @@ from vllm_metal.kv_backend import KVBackend, StepBatch
 from vllm_metal.loader import LoadedModel, load, resolve_model_dir
 from vllm_metal.lora import LoRAs
 from vllm_metal.mlx_cache import MlxManagedBackend
-from vllm_metal.mlx_lm_models import CUDA_DEQUANTIZE_ROWS, UnsupportedModelError, dequantize_large_products
+from vllm_metal.mlx_lm_models import (
+    CUDA_DEQUANTIZE_ROWS,
+    UnsupportedModelError,
+    dequantize_large_products,
+    use_quantized_kernel,
+)
 from vllm_metal.paged import PagedBackend
 from vllm_metal.pooling import Pooling
 from vllm_metal.sampling import RowParams, host_reason, sample
@@ -219,6 +224,7 @@ class MetalModelRunner:
         if rows == "auto":
             rows = CUDA_DEQUANTIZE_ROWS if gpu_backend() == "cuda" and on_gpu() else 0
         dequantize_large_products(self.loaded.model, rows)
+        self._use_quantized_kernel()
         if (lora := self.vllm_config.lora_config) is not None:
             self.loras = LoRAs(self.loaded.model, self.loaded.dtype, lora.max_lora_rank)
         self.speculation = speculation_for(self.vllm_config)
@@ -227,6 +233,17 @@ class MetalModelRunner:
                 "speculative decoding (--speculative-config) is not supported for models with "
                 "recurrent-state layers: a rejected draft would have to be taken back out of the state.")
         self.kv = self._new_backend()
+
+    def _use_quantized_kernel(self) -> None:
+        """VLLM_METAL_QUANTIZED_KERNEL: 4-bit products in ``quant_kernel`` where MLX computes on CUDA."""
+        setting = self.envs.quantized_kernel
+        cuda = gpu_backend() == "cuda" and on_gpu()
+        if setting == "on" and not cuda:
+            raise UnsupportedModelError(
+                "VLLM_METAL_QUANTIZED_KERNEL=on needs MLX on an NVIDIA GPU (the kernel is CUDA only); "
+                "MLX computes on " + ("Metal" if on_gpu() else "the CPU") + " here. Use auto or off.")
+        if setting != "off" and cuda:
+            use_quantized_kernel(self.loaded.model)
 
     @property
     def weight_bytes(self) -> int:

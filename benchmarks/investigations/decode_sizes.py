@@ -2,7 +2,7 @@
 
     python -m benchmarks.investigations.decode_sizes [--checkpoints llama-1b llama-8b llama-8b-q4]
         [--concurrency 1 8 32 64] [--one-step-ahead 1 0] [--mlx-lm-server 1 8] [--max-tokens 128]
-        [--tensor-parallel-size 1 2] [--dequantize-rows auto] [--kv-in-place 1 0] [--dtype bfloat16] [--checkpoint-dir DIR] [--out results.json]
+        [--tensor-parallel-size 1 2] [--dequantize-rows auto] [--kv-in-place 1 0] [--quantized-kernel on off] [--dtype bfloat16] [--checkpoint-dir DIR] [--out results.json]
 
 Checkpoints are built on the machine (random weights, the bundled SmolLM2 tokenizer, nothing
 downloaded): ``llama-1b`` and ``llama-8b`` as ``long_prompts`` builds them (HF safetensors, bf16),
@@ -15,8 +15,8 @@ would, keeping transformers' config.
 
 Per checkpoint: mlx-lm's own decode loop (``generate_step``, one stream, in a subprocess) and its
 fraction of the device's copy bandwidth / weight bytes; then ``vllm serve --dtype bfloat16`` once
-per ``--one-step-ahead`` setting (VLLM_METAL_ONE_STEP_AHEAD; and per ``--dequantize-rows`` and
-``--kv-in-place`` value) and, with ``--mlx-lm-server``,
+per ``--one-step-ahead`` setting (VLLM_METAL_ONE_STEP_AHEAD; and per ``--dequantize-rows``,
+``--kv-in-place`` and ``--quantized-kernel`` value) and, with ``--mlx-lm-server``,
 mlx_lm.server, each driven by ``benchmarks.load`` at every concurrency level: 2 x C streamed
 chat requests from the sweep's prompt set (at least 4; after C untimed 8-token requests, so
 first-use kernel compilation for that batch size is not timed), ``max_tokens`` output tokens each (special
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import subprocess
 import sys
@@ -148,19 +149,17 @@ class Plugin(Server):
                 **self.extra_env}
 
 
-def variants(dequantize_rows: list[str], kv_in_place: list[str]) -> list[dict[str, Any]]:
-    """``Plugin`` keywords for each VLLM_METAL_DEQUANTIZE_ROWS x VLLM_METAL_KV_IN_PLACE pair; a
-    setting given more than one value is in the server's name."""
+def variants(settings: dict[str, tuple[str, list[str]]]) -> list[dict[str, Any]]:
+    """``Plugin`` keywords for every combination of the given env vars' values (``settings``: var ->
+    (tag, values)); a var given more than one value is in the server's name as tag + value."""
     out = []
-    for rows in dequantize_rows:
-        for in_place in kv_in_place:
-            tags = ([f"dq{rows}"] if len(dequantize_rows) > 1 else []) + (
-                [f"inplace{in_place}"] if len(kv_in_place) > 1 else [])
-            keywords: dict[str, Any] = {"extra_env": {"VLLM_METAL_DEQUANTIZE_ROWS": rows,
-                                                      "VLLM_METAL_KV_IN_PLACE": in_place}}
-            if tags:
-                keywords["name"] = "vllm-metal-" + "-".join(tags)
-            out.append(keywords)
+    names = list(settings)
+    for values in itertools.product(*(settings[n][1] for n in names)):
+        tags = [settings[n][0] + v for n, v in zip(names, values, strict=True) if len(settings[n][1]) > 1]
+        keywords: dict[str, Any] = {"extra_env": dict(zip(names, values, strict=True))}
+        if tags:
+            keywords["name"] = "vllm-metal-" + "-".join(tags)
+        out.append(keywords)
     return out
 
 
@@ -208,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="VLLM_METAL_DEQUANTIZE_ROWS of the plugin (each value in turn, e.g. 0 256)")
     ap.add_argument("--kv-in-place", nargs="+", choices=("1", "0"), default=["1"],
                     help="VLLM_METAL_KV_IN_PLACE of the plugin (each value in turn)")
+    ap.add_argument("--quantized-kernel", nargs="+", choices=("auto", "on", "off"), default=["auto"],
+                    help="VLLM_METAL_QUANTIZED_KERNEL of the plugin (each value in turn)")
     ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                     help="the plugin's and mlx-lm's compute dtype (float32 on MLX's CPU backend)")
     ap.add_argument("--max-tokens", type=int, default=128)
@@ -243,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
         servers: list[tuple[Server, list[int]]] = [
             (Plugin(setup, o, tp, args.dtype, **keywords), args.concurrency)
             for tp in args.tensor_parallel_size for o in args.one_step_ahead
-            for keywords in variants(args.dequantize_rows, args.kv_in_place)]
+            for keywords in variants({"VLLM_METAL_DEQUANTIZE_ROWS": ("dq", args.dequantize_rows),
+                                      "VLLM_METAL_KV_IN_PLACE": ("inplace", args.kv_in_place),
+                                      "VLLM_METAL_QUANTIZED_KERNEL": ("qk", args.quantized_kernel)})]
         if args.mlx_lm_server:
             servers.append((MlxLm(setup), args.mlx_lm_server))
         for server, levels in servers:

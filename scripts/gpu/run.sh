@@ -13,8 +13,10 @@
 #                                # process (llama-1b bf16, one step ahead on; --checkpoint, --one-step-ahead 0)
 #   scripts/gpu/run.sh ngram     # one stream on a code-editing workload, plain vs n-gram speculative decoding
 #                                # (bundled model in bf16; --model DIR for another)
-#   scripts/gpu/run.sh qmm       # one layer's product at 1-512 rows: 4-bit quantized_matmul vs bf16 vs dequantize
-#                                # then bf16 (K=4096, N=14336)
+#   scripts/gpu/run.sh qmm       # an 8B Llama's layer products at 1-512 rows: 4-bit quantized_matmul vs the 4-bit
+#                                # kernel vs bf16 vs dequantize then bf16 (--row-tiles 1 2 4: each kernel layout too)
+#   scripts/gpu/run.sh qkernel   # the 4-bit kernel's tests (vs float64 NumPy and MLX's op; runner greedy vs mlx-lm),
+#                                # then the qmm products
 #   scripts/gpu/run.sh tp        # tensor parallelism on 2 GPUs over NCCL: TP=2 parity tests, then llama-8b bf16
 #                                # TP=1 vs TP=2 at 1 and 32 clients (needs a machine with 2 GPUs)
 #   scripts/gpu/run.sh kernel    # the paged attention kernel: its tests (vs NumPy float64 and the MLX-op path),
@@ -44,6 +46,9 @@ case "${1:-tests}" in
   profile) python3 -m benchmarks.investigations.host_profile --out "$out/host_profile.json" "${@:2}" ;;
   ngram)   python3 -m benchmarks.investigations.ngram_drafts --device gpu --dtype bfloat16 --out "$out/ngram_drafts.json" "${@:2}" ;;
   qmm)     python3 -m benchmarks.investigations.quantized_matmul --out "$out/quantized_matmul.json" "${@:2}" ;;
+  qkernel) python3 -m pytest -q -p no:cacheprovider tests/test_quant_kernel.py tests/test_quantized.py \
+             -k "kernel or bf16" 2>&1 | tee "$out/qkernel-tests.log" | tail -15
+           python3 -m benchmarks.investigations.quantized_matmul --out "$out/quantized_matmul.json" "${@:2}" ;;
   kernel)  python3 -m pytest -q -p no:cacheprovider tests/test_attention_kernel.py 2>&1 | tee "$out/kernel-tests.log" | tail -15
            python3 -m benchmarks.investigations.paged_kernel --out "$out/paged_kernel.json" "${@:2}" ;;
   context) python3 -m benchmarks.investigations.long_context --out "$out/long_context.json" "${@:2}" ;;
@@ -52,5 +57,5 @@ case "${1:-tests}" in
            python3 -m pytest -q -p no:cacheprovider tests/test_tensor_parallel.py -k matches 2>&1 | tee "$out/tp-tests.log" | tail -15
            python3 -m benchmarks.investigations.decode_sizes --checkpoints llama-8b --concurrency 1 32 \
              --one-step-ahead 1 --tensor-parallel-size 1 2 --out "$out/tensor_parallel.json" "${@:2}" ;;
-  *) echo "usage: $0 tests|kernel|context|paged|compare|decode|steps|sizes|profile|ngram|qmm|long|tp [args]"; exit 2 ;;
+  *) echo "usage: $0 tests|qkernel|kernel|context|paged|compare|decode|steps|sizes|profile|ngram|qmm|long|tp [args]"; exit 2 ;;
 esac
