@@ -18,9 +18,8 @@ import numpy as np
 import pytest
 
 from vllm_metal import quant_kernel
-from vllm_metal.device import gpu_backend
 
-on_cuda = pytest.mark.skipif(gpu_backend() != "cuda" or mx.default_device().type != mx.DeviceType.gpu,
+on_cuda = pytest.mark.skipif(not quant_kernel.on_cuda(),
                              reason="the 4-bit kernel runs on MLX's CUDA GPU (scripts/gpu/run.sh qkernel)")
 
 

@@ -44,7 +44,7 @@ from vllm.v1.sample.logits_processor import build_logitsprocs
 from vllm.v1.sample.sampler import Sampler
 from vllm.v1.worker.gpu_input_batch import CachedRequestState, InputBatch
 
-from vllm_metal import envs, paged_kernel
+from vllm_metal import envs, paged_kernel, quant_kernel
 from vllm_metal.attention import attention_limits
 from vllm_metal.bridge import mlx_to_torch
 from vllm_metal.device import EvalTimer, device_memory_bytes, gpu_backend, on_gpu
@@ -237,7 +237,7 @@ class MetalModelRunner:
     def _use_quantized_kernel(self) -> None:
         """VLLM_METAL_QUANTIZED_KERNEL: 4-bit products in ``quant_kernel`` where MLX computes on CUDA."""
         setting = self.envs.quantized_kernel
-        cuda = gpu_backend() == "cuda" and on_gpu()
+        cuda = quant_kernel.on_cuda()
         if setting == "on" and not cuda:
             raise UnsupportedModelError(
                 "VLLM_METAL_QUANTIZED_KERNEL=on needs MLX on an NVIDIA GPU (the kernel is CUDA only); "

@@ -228,6 +228,11 @@ def _kernel():
                                output_names=["y"], source=_BODY, header=_HEADER)
 
 
+def on_cuda() -> bool:
+    """Whether MLX computes on an NVIDIA GPU (where the kernel runs)."""
+    return mx.cuda.is_available() and mx.default_device().type == mx.DeviceType.gpu
+
+
 def check(weight_shape: tuple[int, ...], group_size: int, bits: int, mode: str = "affine") -> None:
     """Raise ``QuantizedKernelUnsupported`` naming what the kernel cannot take of a layer."""
     if bits != 4 or mode != "affine":

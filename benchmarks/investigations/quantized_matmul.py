@@ -24,7 +24,6 @@ from pathlib import Path
 import mlx.core as mx
 
 from vllm_metal import quant_kernel
-from vllm_metal.device import gpu_backend
 
 LAYER_8B = {"4096:4096": 2, "1024:4096": 2, "14336:4096": 2, "4096:14336": 1}  # products per decoder layer
 
@@ -76,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("/tmp/vllm-metal-bench/quantized_matmul.json"))
     args = ap.parse_args(argv)
 
-    kernel = gpu_backend() == "cuda" and mx.default_device().type == mx.DeviceType.gpu
+    kernel = quant_kernel.on_cuda()
     shapes = {s: _shape_rows(*map(int, s.split(":")), args.rows, args.row_tiles, args.prefetch, kernel) for s in args.shapes}
     layer = []
     if set(LAYER_8B) <= set(shapes):
