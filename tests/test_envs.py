@@ -44,7 +44,7 @@ INVALID = {
 ACCEPTS_ANYTHING = {"VLLM_METAL_MODELSCOPE_CACHE", "VLLM_METAL_HOSTFILE"}  # paths; empty means unset
 
 DEFAULTS = envs.MetalEnvs(
-    memory_fraction="auto", attention_mb="auto", attention_kernel="auto", dequantize_rows="auto", quantized_kernel="auto",
+    memory_fraction="auto", attention_mb="auto", attention_kernel="auto", dequantize_rows="auto", quantized_kernel="off",
     use_mlx=True,
     mlx_device="auto", cpu_blas="auto", cpu_blas_threads="auto", block_size=16,
     use_paged_attention=True, debug=False, one_step_ahead="auto", kv_in_place=True, distributed_backend="auto", hostfile=None,

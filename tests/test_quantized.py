@@ -189,7 +189,7 @@ def bf16_q4(tmp_path_factory, tiny_hf) -> Path:
 def test_bf16_checkpoint_at_bf16_matches_mlx_lm(bf16_q4, models):
     """mlx-community's form served in bf16 (what ``--dtype auto`` picks on a GPU; on MLX's CPU
     backend auto is float32, so it is given here): the plugin keeps the checkpoint's scales as
-    they are and runs mlx-lm's arithmetic (on CUDA: the 4-bit products in ``quant_kernel``)."""
+    they are and runs mlx-lm's arithmetic."""
 
     def computes_in_bf16(runner) -> None:
         assert runner.loaded.dtype == mx.bfloat16

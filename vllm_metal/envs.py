@@ -166,13 +166,15 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "computes on CUDA (whose quantized kernels cost 5.5x the bf16 GEMM at 512 rows, "
            "docs/benchmarks.md), never on Metal (MLX's quantized kernels are its most tuned path "
            "there) and on the CPU. The dequantized copy is one layer's weight at a time."),
-    EnvVar("VLLM_METAL_QUANTIZED_KERNEL", "auto", _choice("auto", "on", "off"),
+    EnvVar("VLLM_METAL_QUANTIZED_KERNEL", "off", _choice("auto", "on", "off"),
            "Quantized models, products below `VLLM_METAL_DEQUANTIZE_ROWS` rows: 4-bit affine "
            "layers (group size 64 or 128, bf16/fp16 activations) multiply in a tensor-core CUDA "
            "kernel that reads each weight word once (`vllm_metal/quant_kernel.py`) instead of MLX's "
-           "`quantized_matmul`. `auto`: where MLX computes on CUDA; `on`: the same, refused "
-           "elsewhere (there is no Metal or CPU version); `off`: MLX's op everywhere. Other "
-           "layers (2/3/5/6/8 bits, group size 32, fp32 activations) always use MLX's op."),
+           "`quantized_matmul`. `off` (the default until the kernel has been run on an NVIDIA GPU; "
+           "it has not, see docs/benchmarks.md): MLX's op everywhere. `auto`: the kernel where MLX "
+           "computes on CUDA; `on`: the same, refused elsewhere (there is no Metal or CPU "
+           "version). Other layers (2/3/5/6/8 bits, group size 32, fp32 activations) always use "
+           "MLX's op."),
     EnvVar("VLLM_METAL_USE_MLX", "1", _bool,
            "Use MLX for compute. `0` is refused: MLX is the plugin's only compute path "
            "(use vLLM's own CPU backend with `VLLM_PLUGINS=` instead)."),

@@ -26,7 +26,9 @@ layer with few output columns enough warps to keep the weight reads in flight.
 
 The MLX op (``mx.quantized_matmul``) stays the reference and the path everywhere else (Metal, the
 CPU, 2/3/5/6/8-bit weights, group size 32, fp32 activations); tests compare the two and float64
-NumPy on an NVIDIA GPU (``scripts/gpu/run.sh qkernel``).
+NumPy on an NVIDIA GPU (``scripts/gpu/run.sh qkernel``). The kernel has not been run on a GPU yet
+(only compiled for sm_90 with nvcc, and its lane-to-element mapping checked against the PTX
+fragment layout), so ``VLLM_METAL_QUANTIZED_KERNEL`` is ``off`` by default.
 """
 
 from __future__ import annotations
