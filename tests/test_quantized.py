@@ -201,11 +201,11 @@ def test_quantized_kernel_on_cuda_or_refused(bf16_q4, models, monkeypatch):
     """VLLM_METAL_QUANTIZED_KERNEL=on: on MLX's CUDA GPU, greedy tokens with every 4-bit product in
     the kernel (the 2 x 7 layers and the LM head) stay mlx-lm's; elsewhere startup is refused,
     naming the variable and what to set instead."""
-    from vllm_metal.device import gpu_backend, on_gpu
+    from vllm_metal import quant_kernel
     from vllm_metal.mlx_lm_models import UnsupportedModelError
 
     monkeypatch.setenv("VLLM_METAL_QUANTIZED_KERNEL", "on")
-    if not (gpu_backend() == "cuda" and on_gpu()):
+    if not quant_kernel.on_cuda():
         with pytest.raises(UnsupportedModelError, match="VLLM_METAL_QUANTIZED_KERNEL=on needs MLX on an NVIDIA"):
             _worker(bf16_q4, dtype="bfloat16")
         return

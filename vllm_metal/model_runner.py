@@ -220,11 +220,12 @@ class MetalModelRunner:
         self.loaded = load(path, self.model_config.dtype, self.model_config.trust_remote_code, self.group)
         if self.pooling is not None:
             self.loaded.without_head()
+        cuda = quant_kernel.on_cuda()
         rows = self.envs.dequantize_rows
         if rows == "auto":
-            rows = CUDA_DEQUANTIZE_ROWS if gpu_backend() == "cuda" and on_gpu() else 0
+            rows = CUDA_DEQUANTIZE_ROWS if cuda else 0
         dequantize_large_products(self.loaded.model, rows)
-        self._use_quantized_kernel()
+        self._use_quantized_kernel(cuda)
         if (lora := self.vllm_config.lora_config) is not None:
             self.loras = LoRAs(self.loaded.model, self.loaded.dtype, lora.max_lora_rank)
         self.speculation = speculation_for(self.vllm_config)
@@ -234,10 +235,9 @@ class MetalModelRunner:
                 "recurrent-state layers: a rejected draft would have to be taken back out of the state.")
         self.kv = self._new_backend()
 
-    def _use_quantized_kernel(self) -> None:
+    def _use_quantized_kernel(self, cuda: bool) -> None:
         """VLLM_METAL_QUANTIZED_KERNEL: 4-bit products in ``quant_kernel`` where MLX computes on CUDA."""
         setting = self.envs.quantized_kernel
-        cuda = quant_kernel.on_cuda()
         if setting == "on" and not cuda:
             raise UnsupportedModelError(
                 "VLLM_METAL_QUANTIZED_KERNEL=on needs MLX on an NVIDIA GPU (the kernel is CUDA only); "

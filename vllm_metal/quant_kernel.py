@@ -2,8 +2,8 @@
 
 MLX CUDA's ``quantized_matmul`` reads a 4-bit weight at a fraction of the device's bandwidth and
 slows down as rows are added (docs/benchmarks.md), so a 4-bit model served to a few clients ran
-below the same model in bf16. This kernel reads each weight word once per launch (per 64 rows)
-and does the arithmetic on the tensor cores (``mma.sync`` m16n8k16, fp32 accumulation).
+below the same model in bf16. This kernel reads each weight word once per 32 tokens and does the
+arithmetic on the tensor cores (``mma.sync`` m16n8k16, fp32 accumulation).
 
 The product, exactly as MLX's affine quantization defines the weight (``w = scale * q + bias``
 per group of ``GS`` columns): for each group of 64 columns,
@@ -18,11 +18,12 @@ biases are applied in fp32.
 Layout of one launch: a threadgroup of 4 warps; each warp owns 16 weight rows (output columns)
 and ``8 * NT`` tokens, and walks its K range 64 columns (one word pair per row and lane) at a
 time, with the words of the next ``PF`` chunks in flight while one computes. Inside a 64-column
-chunk the mapping of columns onto the instruction's k positions is chosen so that each lane's share of both operands is contiguous in memory: lane ``(g, t)`` takes
-columns ``16t .. 16t+15`` of its rows (two uint32 words) and of its token (32 bytes); the sum over
-k does not depend on the order. A threadgroup's 4 warps are ``WR`` row tiles times ``4 / WR`` K
-ranges: row tiles share the activations through L1, K ranges (summed in shared memory) give a
-layer with few output columns enough warps to keep the weight reads in flight.
+chunk the columns are mapped onto the instruction's k positions so that each lane's share of both
+operands is contiguous in memory: lane ``(g, t)`` takes columns ``16t .. 16t+15`` of its rows (two
+uint32 words) and of its token (32 bytes); the sum over k does not depend on the order. A
+threadgroup's 4 warps are ``WR`` row tiles times ``4 / WR`` K ranges: row tiles share the
+activations through L1, K ranges (summed in shared memory) give a layer with few output columns
+enough warps to keep the weight reads in flight.
 
 The MLX op (``mx.quantized_matmul``) stays the reference and the path everywhere else (Metal, the
 CPU, 2/3/5/6/8-bit weights, group size 32, fp32 activations); tests compare the two and float64
@@ -82,7 +83,6 @@ template <> __device__ __forceinline__ void vm_mma<__half>(float* d, const uint3
                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
-__device__ __forceinline__ void vm_store(float* p, float v) { *p = v; }
 __device__ __forceinline__ void vm_store(__half* p, float v) { *p = __float2half(v); }
 __device__ __forceinline__ void vm_store(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
 __device__ __forceinline__ float vm_to_float(float v) { return v; }
@@ -232,7 +232,7 @@ def _kernel():
 
 def on_cuda() -> bool:
     """Whether MLX computes on an NVIDIA GPU (where the kernel runs)."""
-    return mx.cuda.is_available() and mx.default_device().type == mx.DeviceType.gpu
+    return hasattr(mx, "cuda") and mx.cuda.is_available() and mx.default_device().type == mx.DeviceType.gpu
 
 
 def check(weight_shape: tuple[int, ...], group_size: int, bits: int, mode: str = "affine") -> None:
